@@ -1,0 +1,40 @@
+"""The attention interface: one write-then-attend call per layer over the paged KV cache.
+
+KV cache layout per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (0 = keys, 1 = values).
+A backend first writes this step's k/v at meta.slot_mapping, then attends each query row to its
+request's context read through meta.block_tables, causally (query i of request b sits at position
+seq_lens[b] - query_len[b] + i). All layers see the same metadata; `prepare` runs once per step.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from kvserve.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(ABC):
+    name: str = "abstract"
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Precompute per-step state into meta.backend_state (called once per step, before the forward)."""
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        ...
+
+
+def get_attention_backend(device: str) -> AttentionBackend:
+    """The backend for a device. Only the torch-native reference exists so far; GPU kernels plug in here."""
+    from kvserve.attention.torch_ref import TorchAttentionBackend
+
+    return TorchAttentionBackend()

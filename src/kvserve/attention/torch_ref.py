@@ -1,0 +1,84 @@
+"""Torch-native paged attention: the reference every faster backend is tested against. Runs anywhere.
+
+Per step, `prepare` splits the batch into two groups (single-token decodes and multi-token
+prefill chunks) so that one long prefill does not pad every decode row to its length. For each
+group it builds, once, the index tensors that gather queries and cached keys/values through the
+block tables, and the boolean causal mask. Each layer then does one gather and one SDPA per group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvserve.attention.backend import AttentionBackend
+from kvserve.attention.metadata import AttentionMetadata
+
+
+@dataclass
+class _Group:
+    q_rows: torch.Tensor  # [B, Qmax] packed token row of each query (padding points at row 0)
+    key_slots: torch.Tensor  # [B, Kmax] flat cache slot of each context position
+    mask: torch.Tensor  # [B, 1, Qmax, Kmax] True where query may attend
+    valid: torch.Tensor  # [B * Qmax] bool, real (non-padding) query rows
+    out_rows: torch.Tensor  # [n_valid] packed row each real query writes to
+
+
+def _build_group(meta: AttentionMetadata, reqs: list[int]) -> _Group:
+    device = meta.slot_mapping.device
+    bs = meta.block_size
+    qlens = torch.tensor([meta.query_lens[b] for b in reqs], dtype=torch.long)
+    slens = torch.tensor([meta.seq_lens_host[b] for b in reqs], dtype=torch.long)
+    starts = meta.query_start_loc.cpu()[reqs]
+    q_max, k_max = int(qlens.max()), int(slens.max())
+
+    i = torch.arange(q_max)
+    q_valid = i[None, :] < qlens[:, None]  # [B, Qmax]
+    q_rows = torch.where(q_valid, starts[:, None] + i[None, :], torch.zeros((), dtype=torch.long))
+
+    j = torch.arange(k_max)
+    tables = meta.block_tables.cpu()[reqs][:, : (k_max + bs - 1) // bs]
+    key_slots = tables[:, j // bs] * bs + (j % bs)[None, :]  # [B, Kmax]
+
+    q_pos = (slens - qlens)[:, None] + i[None, :]  # absolute position of each query
+    mask = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < slens[:, None, None])
+    # Padding query rows attend to key 0 only, so SDPA never sees an all-masked row (NaN).
+    mask |= (~q_valid)[:, :, None] & (j == 0)[None, None, :]
+
+    valid = q_valid.reshape(-1)
+    return _Group(
+        q_rows=q_rows.to(device),
+        key_slots=key_slots.to(device),
+        mask=mask[:, None].to(device),
+        valid=valid.to(device),
+        out_rows=q_rows.reshape(-1)[valid].to(device),
+    )
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        decode = [b for b, n in enumerate(meta.query_lens) if n == 1]
+        prefill = [b for b, n in enumerate(meta.query_lens) if n > 1]
+        meta.backend_state = [_build_group(meta, g) for g in (decode, prefill) if g]
+
+    def forward(self, q, k, v, kv_cache, meta, scale):
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [num_slots, Hkv, D]
+        v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
+        k_flat.index_copy_(0, meta.slot_mapping, k)
+        v_flat.index_copy_(0, meta.slot_mapping, v)
+
+        if meta.backend_state is None:
+            self.prepare(meta)
+        out = torch.empty_like(q)
+        for g in meta.backend_state:
+            qg = q[g.q_rows].transpose(1, 2)  # [B, Hq, Qmax, D]
+            kg = k_flat[g.key_slots].transpose(1, 2)  # [B, Hkv, Kmax, D]
+            vg = v_flat[g.key_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=True)
+            o = o.transpose(1, 2).reshape(-1, q.shape[1], head_dim)  # [B * Qmax, Hq, D]
+            out[g.out_rows] = o[g.valid]
+        return out

@@ -1,0 +1,69 @@
+"""Frozen configuration, built once at the edge (LLM constructor, CLI) and read everywhere below.
+
+Nothing under kvserve reads the environment except this module. No torch here: core/ imports it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder, read from config.json or GGUF metadata."""
+
+    path: str  # HF folder or a .gguf file
+    architecture: str  # e.g. "LlamaForCausalLM"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+    rope_scaling: Optional[dict[str, Any]] = None  # HF rope_scaling dict, rope_type normalised
+    bos_token_id: Optional[int] = None
+    eos_token_ids: tuple[int, ...] = ()
+    # Checkpoint dtype as a string ("float32", "bfloat16", "float16"); GGUF reports "float32".
+    checkpoint_dtype: str = "float32"
+    # Dtype we compute in, resolved from the user's choice ("auto" never reaches here).
+    dtype: str = "float32"
+
+    def with_dtype(self, dtype: str) -> "ModelConfig":
+        return dataclasses.replace(self, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    # Exact KV budget in bytes; when None, kv_cache_memory_fraction of available memory is used.
+    kv_cache_memory_bytes: Optional[int] = None
+    kv_cache_memory_fraction: float = 0.25
+    # Overrides the memory budget entirely (tests use it to force preemption).
+    num_gpu_blocks_override: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: str = "cpu"
+    seed: int = 0
