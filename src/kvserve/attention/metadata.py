@@ -22,6 +22,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
     query_lens: list[int]  # host copies, for backends that plan on the host
     seq_lens_host: list[int]
+    positions: torch.Tensor  # [T] int64, absolute position of each query token
     # Backend-private precomputed state (index tensors, masks), built by the backend's
     # `prepare` once per step and reused by every layer.
     backend_state: Any = field(default=None)
@@ -36,25 +37,30 @@ def build_attention_metadata(
 ) -> AttentionMetadata:
     """Metadata for a packed step: request b computes positions seq_lens[b]-query_lens[b] .. seq_lens[b]-1.
 
-    block_tables[b] must cover ceil(seq_lens[b] / block_size) blocks.
+    block_tables[b] must cover ceil(seq_lens[b] / block_size) blocks. Vectorized over tokens.
     """
-    slots: list[int] = []
-    for qlen, slen, table in zip(query_lens, seq_lens, block_tables):
-        for pos in range(slen - qlen, slen):
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
+    num_reqs = len(query_lens)
     width = max((len(t) for t in block_tables), default=0)
-    padded = [t + [0] * (width - len(t)) for t in block_tables]
-    starts = [0]
-    for n in query_lens:
-        starts.append(starts[-1] + n)
-    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    tables = torch.zeros(num_reqs, max(width, 1), dtype=torch.long)
+    for b, table in enumerate(block_tables):
+        tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
+    qlens = torch.tensor(query_lens, dtype=torch.long)
+    slens = torch.tensor(seq_lens, dtype=torch.long)
+    starts = torch.zeros(num_reqs + 1, dtype=torch.long)
+    torch.cumsum(qlens, 0, out=starts[1:])
+    num_tokens = int(starts[-1])
+
+    req_of_token = torch.repeat_interleave(torch.arange(num_reqs), qlens)  # [T]
+    positions = (slens - qlens)[req_of_token] + torch.arange(num_tokens) - starts[req_of_token]  # [T]
+    slots = tables[req_of_token, positions // block_size] * block_size + positions % block_size  # [T]
     return AttentionMetadata(
-        num_tokens=starts[-1],
+        num_tokens=num_tokens,
         block_size=block_size,
-        slot_mapping=as_long(slots),
-        query_start_loc=as_long(starts),
-        seq_lens=as_long(seq_lens),
-        block_tables=as_long(padded).reshape(len(block_tables), width),
+        slot_mapping=slots.to(device),
+        query_start_loc=starts.to(device),
+        seq_lens=slens.to(device),
+        block_tables=tables.to(device),
         query_lens=list(query_lens),
         seq_lens_host=list(seq_lens),
+        positions=positions.to(device),
     )

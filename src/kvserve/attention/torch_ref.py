@@ -39,7 +39,10 @@ def _build_group(meta: AttentionMetadata, reqs: list[int]) -> _Group:
 
     j = torch.arange(k_max)
     tables = meta.block_tables.cpu()[reqs][:, : (k_max + bs - 1) // bs]
-    key_slots = tables[:, j // bs] * bs + (j % bs)[None, :]  # [B, Kmax]
+    # Positions past a request's context are clamped to its last one: every gathered slot holds
+    # written KV (never uninitialised memory, which could be NaN and poison 0-weight sums).
+    jc = torch.minimum(j[None, :], slens[:, None] - 1)  # [B, Kmax]
+    key_slots = torch.gather(tables, 1, jc // bs) * bs + jc % bs  # [B, Kmax]
 
     q_pos = (slens - qlens)[:, None] + i[None, :]  # absolute position of each query
     mask = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < slens[:, None, None])

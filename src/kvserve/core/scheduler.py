@@ -101,7 +101,9 @@ class Scheduler:
         # preemption this step: the cache is full, admitting would only thrash.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted_req_ids:
             request = self.waiting[0]
-            hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            hits, num_hit_tokens = [], 0
+            if request.sampling_params.prompt_logprobs is None:  # prompt logprobs need every position
+                hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             new_block_ids = self.kv.allocate_slots(request, num_new, hits)
             if new_block_ids is None:

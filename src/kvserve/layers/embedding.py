@@ -1,0 +1,91 @@
+"""Token embedding and LM head, split over the vocabulary across tensor-parallel ranks.
+
+Each rank holds vocab rows [rank * V_pp, (rank + 1) * V_pp) with V_pp = ceil(V / tp_size); the last
+rank's rows past V are zero padding. With tp_size == 1 the partition is the whole vocabulary.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        self._set_partition(num_embeddings, tp_rank, tp_size)
+        self.weight = nn.Parameter(
+            torch.empty(self.num_embeddings_per_partition, embedding_dim, dtype=dtype), requires_grad=False
+        )  # [V_pp, D]
+        self.weight.weight_loader = self.weight_loader
+
+    def _set_partition(self, num_embeddings: int, tp_rank: int, tp_size: int) -> None:
+        self.num_embeddings, self.tp_rank, self.tp_size = num_embeddings, tp_rank, tp_size
+        self.num_embeddings_per_partition = -(-num_embeddings // tp_size)
+        self.vocab_start = tp_rank * self.num_embeddings_per_partition
+        self.vocab_end = min(self.vocab_start + self.num_embeddings_per_partition, num_embeddings)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        """loaded_weight: the full [V, D] checkpoint matrix; copies this rank's rows, zeroes the padding."""
+        expected = (self.num_embeddings, param.shape[1])
+        if loaded_weight.shape != expected:
+            raise ValueError(f"embedding shape mismatch: expected {expected}, got {tuple(loaded_weight.shape)}")
+        n = self.vocab_end - self.vocab_start
+        param.data[:n].copy_(loaded_weight[self.vocab_start : self.vocab_end])
+        param.data[n:].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: [T] long -> [T, D]."""
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        # Each rank embeds the ids in its vocab range, zeros elsewhere; the sum over ranks is the lookup.
+        mine = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
+        out = F.embedding((input_ids - self.vocab_start) * mine, self.weight) * mine[:, None]
+        dist.all_reduce(out)
+        return out
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Output projection: logits = hidden @ weight.T, weight [V_pp, D] (the embedding's layout).
+
+    With `tied_embedding`, the head has no parameter of its own and reads the embedding's weight at
+    call time. The embedding is kept in a plain list so that it is not registered twice: it stays
+    owned by the model body, and meta-device construction, `to_empty` and `.to()` cannot untie the two.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        dtype: Optional[torch.dtype] = None,
+        tied_embedding: Optional[VocabParallelEmbedding] = None,
+    ) -> None:
+        if tied_embedding is None:
+            super().__init__(num_embeddings, embedding_dim, tp_rank, tp_size, dtype)
+            self._tied: list[VocabParallelEmbedding] = []
+        else:
+            nn.Module.__init__(self)
+            self._set_partition(num_embeddings, tp_rank, tp_size)
+            self._tied = [tied_embedding]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, D] -> logits [N, V] float32."""
+        weight = self._tied[0].weight if self._tied else self.weight
+        logits = F.linear(hidden, weight)  # [N, V_pp]
+        if self.tp_size > 1:
+            shards = [torch.empty_like(logits) for _ in range(self.tp_size)]
+            dist.all_gather(shards, logits)
+            logits = torch.cat(shards, dim=-1)
+        return logits[:, : self.num_embeddings].float()

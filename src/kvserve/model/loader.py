@@ -1,0 +1,122 @@
+"""Build a model from its ModelConfig and stream the checkpoint's weights into it.
+
+The model is constructed directly on the target device with uninitialised storage. Every layer
+allocates with torch.empty, so this costs no more than meta + `to_empty`, and unlike `to_empty`
+(which replaces each Parameter object) it keeps the `weight_loader` attached to each parameter.
+It is then filled one checkpoint tensor at a time, so peak memory is the model plus one tensor.
+Checkpoint names are Hugging Face names; the model's `packed_modules_mapping` routes q/k/v and
+gate/up tensors into its fused parameters.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from kvserve.config import ModelConfig
+from kvserve.layers.rotary import RotaryEmbedding
+from kvserve.model.gguf_loader import iter_gguf_weights
+from kvserve.model.registry import get_model_class
+
+
+def load_model(config: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
+    """The model of `config` on `device`, in config.dtype, with all weights loaded, in eval mode."""
+    with torch.device(device):
+        model = get_model_class(config.architecture)(config)
+    if config.path.endswith(".gguf"):
+        num_tensors, weights = iter_gguf_weights(config.path, config)
+    else:
+        num_tensors, weights = _iter_safetensors(config.path)
+    progress = tqdm(weights, total=num_tensors, desc="Loading weights", unit="tensor", leave=False)
+    with torch.no_grad():
+        load_weights(model, progress)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.init_cache()  # allocated uninitialised, like the weights
+    return model.eval()
+
+
+def _default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+    if param.shape != loaded_weight.shape:
+        raise ValueError(
+            f"weight shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(loaded_weight.shape)}"
+        )
+    param.data.copy_(loaded_weight)
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy (HF name, tensor) pairs into the model's parameters; raise if any parameter was not filled.
+
+    Tolerated extras: `lm_head.weight` of a tied model and stale `rotary_emb.inv_freq` buffers."""
+    params = dict(model.named_parameters())
+    mapping: dict[str, tuple[str, object]] = model.packed_modules_mapping
+    tied = model.config.tie_word_embeddings
+    loaded: set[str] = set()  # checkpoint names consumed
+    for name, tensor in weights:
+        if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+            continue
+        param_name, shard_id = name, None
+        for ckpt_module, (fused_module, shard) in mapping.items():
+            if f".{ckpt_module}." in name:
+                param_name, shard_id = name.replace(f".{ckpt_module}.", f".{fused_module}."), shard
+                break
+        if param_name not in params:
+            raise ValueError(f"checkpoint tensor {name!r} has no matching model parameter")
+        param = params[param_name]
+        getattr(param, "weight_loader", _default_weight_loader)(param, tensor, shard_id)
+        loaded.add(name)
+    missing = _expected_checkpoint_names(params, mapping) - loaded
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} weights: {', '.join(sorted(missing))}")
+
+
+def _expected_checkpoint_names(params: dict[str, nn.Parameter], mapping: dict[str, tuple[str, object]]) -> set[str]:
+    """Every checkpoint name the model needs: each fused parameter expands into its shards' names."""
+    shards_of: dict[str, list[str]] = {}
+    for ckpt_module, (fused_module, _) in mapping.items():
+        shards_of.setdefault(fused_module, []).append(ckpt_module)
+    expected = set()
+    for name in params:
+        fused = next((f for f in shards_of if f".{f}." in name), None)
+        if fused is None:
+            expected.add(name)
+        else:
+            expected.update(name.replace(f".{fused}.", f".{ckpt}.") for ckpt in shards_of[fused])
+    return expected
+
+
+def _safetensors_files(folder: str) -> list[str]:
+    """The shards listed by model.safetensors.index.json, else every *.safetensors in the folder.
+
+    The index wins because some repos also ship a consolidated copy under another name."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return [os.path.join(folder, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {folder}")
+    return files
+
+
+def _iter_safetensors(folder: str) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
+    """-> (number of tensors, iterator of (name, tensor)); each tensor is read only when reached."""
+    files = _safetensors_files(folder)
+    count = 0
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            count += len(f.keys())
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for path in files:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+
+    return count, tensors()

@@ -1,0 +1,196 @@
+"""One forward + sampling per step. Owns the model, the KV cache tensors and the input batch.
+
+Step: apply scheduler diffs -> pack tokens -> forward over all of them -> logits only at the rows
+that sample (and prompt-logprob rows) -> sample -> one transfer to the host.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from kvserve.attention import get_attention_backend
+from kvserve.attention.metadata import build_attention_metadata
+from kvserve.config import EngineConfig
+from kvserve.core.sched_output import SchedulerOutput
+from kvserve.forward_context import set_forward_context
+from kvserve.layers.attention import Attention
+from kvserve.model.loader import load_model
+from kvserve.worker.input_batch import InputBatch, StepBatch
+from kvserve.worker.sampler import Sampler, gather_logprobs
+from kvserve.worker.sampling_metadata import SamplingMetadata
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# (token ids [k+1], logprobs [k+1], rank of the first) for one position; column 0 = the chosen token.
+TokenLogprobs = tuple[list[int], list[float], int]
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # req_id -> (first prompt position, logprobs of positions first.. predicting the next prompt token)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+
+
+def kv_cache_bytes_per_block(config: EngineConfig) -> int:
+    m = config.model
+    elem = torch.tensor([], dtype=DTYPES[m.dtype]).element_size()
+    return 2 * m.num_hidden_layers * config.cache.block_size * m.num_key_value_heads * m.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: Optional[torch.nn.Module] = None) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = DTYPES[config.model.dtype]
+        self.model = model if model is not None else load_model(config.model, self.device)
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.backend = get_attention_backend(config.device)
+        self.sampler = Sampler()
+        self.input_batch = InputBatch(self.device)
+        self.kv_caches: list[torch.Tensor] = []
+
+    def determine_num_blocks(self) -> int:
+        """KV blocks that fit the budget: kv_cache_memory_bytes, else a fraction of the memory
+        available now (after the weights are loaded)."""
+        cache = self.config.cache
+        if cache.num_gpu_blocks_override is not None:
+            return cache.num_gpu_blocks_override
+        budget = cache.kv_cache_memory_bytes
+        if budget is None:
+            budget = int(_available_memory(self.device) * cache.kv_cache_memory_fraction)
+        return budget // kv_cache_bytes_per_block(self.config)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """One [2, num_blocks, block_size, Hkv, D] tensor per layer. Left uninitialised: attention
+        only ever reads slots it has written."""
+        m, bs = self.config.model, self.config.cache.block_size
+        shape = (2, num_blocks, bs, m.num_key_value_heads, m.head_dim)
+        self.kv_caches = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.attn_layers]
+        for layer, cache in zip(self.attn_layers, self.kv_caches):
+            layer.kv_cache, layer.backend = cache, self.backend
+
+    @torch.inference_mode()
+    def execute_model(self, sched_out: SchedulerOutput) -> ModelRunnerOutput:
+        self.input_batch.apply(sched_out)
+        if sched_out.is_empty:
+            return ModelRunnerOutput()
+        batch = self.input_batch.build(sched_out)
+        meta = build_attention_metadata(
+            batch.query_lens, batch.seq_lens, batch.block_tables, self.config.cache.block_size, self.device
+        )
+        self.backend.prepare(meta)
+        input_ids = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
+        with set_forward_context(meta):
+            hidden = self.model(input_ids, meta.positions)  # [T, H]
+
+        out = ModelRunnerOutput()
+        host = {}
+        if batch.sampling_rows:
+            rows = meta.query_start_loc[1:][batch.sampling_rows] - 1  # last token of each sampling request
+            logits = self.model.compute_logits(hidden[rows])  # [S, V] float32
+            states = [self.input_batch.requests[batch.req_ids[b]] for b in batch.sampling_rows]
+            sampling_meta = SamplingMetadata.build(
+                [s.sampling_params for s in states],
+                [s.prompt_token_ids for s in states],
+                [s.output_token_ids for s in states],
+                [s.generator for s in states],
+                self.config.model.vocab_size,
+                self.device,
+            )
+            host["sample"] = self.sampler(logits, sampling_meta)
+        if batch.prompt_logprob_spans:
+            host["prompt"] = self._prompt_logprobs(batch, meta.query_start_loc, hidden)
+        host = _to_host(host)
+
+        if "sample" in host:
+            sampler_out = host["sample"]
+            sampled = sampler_out.sampled_token_ids.tolist()
+            for row, b in enumerate(batch.sampling_rows):
+                state = self.input_batch.requests[batch.req_ids[b]]
+                state.token_ids.append(sampled[row])
+                out.sampled[state.req_id] = [sampled[row]]
+            if sampler_out.logprobs is not None:
+                ids, lps, ranks = (
+                    sampler_out.logprob_token_ids.tolist(),
+                    sampler_out.logprobs.tolist(),
+                    sampler_out.sampled_token_ranks.tolist(),
+                )
+                for row, b in enumerate(batch.sampling_rows):
+                    state = self.input_batch.requests[batch.req_ids[b]]
+                    if state.sampling_params.logprobs is not None:
+                        k = state.sampling_params.logprobs + 1
+                        out.logprobs[state.req_id] = (ids[row][:k], lps[row][:k], ranks[row])
+        if "prompt" in host:
+            ids, lps, ranks = (t.tolist() for t in host["prompt"])
+            offset = 0
+            for b, first, count in batch.prompt_logprob_spans:
+                state = self.input_batch.requests[batch.req_ids[b]]
+                k = state.sampling_params.prompt_logprobs + 1
+                entries = [(ids[i][:k], lps[i][:k], ranks[i]) for i in range(offset, offset + count)]
+                out.prompt_logprobs[state.req_id] = (first, entries)
+                state.num_prompt_logprobs_done = first + count
+                offset += count
+        return out
+
+    def _prompt_logprobs(self, batch: StepBatch, query_start_loc: torch.Tensor, hidden: torch.Tensor):
+        """Logprobs of each prompt token given the ones before it, for the prompt positions in this chunk."""
+        rows, targets, k = [], [], 0
+        starts = query_start_loc.tolist()
+        for b, first, count in batch.prompt_logprob_spans:
+            state = self.input_batch.requests[batch.req_ids[b]]
+            chunk_start = batch.seq_lens[b] - batch.query_lens[b]  # position of the chunk's first row
+            rows.extend(range(starts[b] + first - chunk_start, starts[b] + first - chunk_start + count))
+            targets.extend(state.token_ids[first + 1 : first + 1 + count])
+            k = max(k, state.sampling_params.prompt_logprobs)
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        logprobs = torch.log_softmax(logits, dim=-1)
+        return gather_logprobs(logprobs, torch.tensor(targets, device=self.device), k)
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info.get("MemAvailable", info["MemTotal"])
+
+
+def _to_host(tensors: dict) -> dict:
+    """The step's single device-to-host transfer: every result tensor copied at once."""
+    if not tensors:
+        return tensors
+
+    def move(x):
+        if isinstance(x, torch.Tensor):
+            return x.to("cpu", non_blocking=True)
+        if isinstance(x, tuple):
+            return tuple(move(t) for t in x)
+        if hasattr(x, "__dataclass_fields__"):
+            return type(x)(**{f: move(getattr(x, f)) for f in x.__dataclass_fields__})
+        return x
+
+    moved = {k: move(v) for k, v in tensors.items()}
+    if any(isinstance(v, torch.Tensor) and v.is_cuda for v in _flatten(tensors)):
+        torch.cuda.synchronize()
+    return moved
+
+
+def _flatten(x):
+    if isinstance(x, dict):
+        for v in x.values():
+            yield from _flatten(v)
+    elif isinstance(x, tuple):
+        for v in x:
+            yield from _flatten(v)
+    elif hasattr(x, "__dataclass_fields__"):
+        for f in x.__dataclass_fields__:
+            yield from _flatten(getattr(x, f))
+    else:
+        yield x

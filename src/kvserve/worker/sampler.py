@@ -1,0 +1,140 @@
+"""Vectorized sampling and logprobs for one step's batch, in vLLM v1's order.
+
+1. logprobs of the raw logits (log_softmax of the model output, before any processing);
+2. logit_bias and min_tokens masking; 3. repetition, frequency and presence penalties;
+4. greedy rows take the argmax; random rows: divide by temperature, min_p, top_k, top_p, then sample.
+
+Everything stays on the logits' device with no host sync (the runner does one transfer per step),
+and the input logits are never modified.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from kvserve.worker.sampling_metadata import PenaltyInputs, SamplingMetadata, SparseLogitUpdate
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [B] int64
+    # The three below are None when no row asked for logprobs (meta.max_num_logprobs is None).
+    logprob_token_ids: Optional[torch.Tensor]  # [B, K+1] int64: column 0 the sampled token, then the top K
+    logprobs: Optional[torch.Tensor]  # [B, K+1] float32, raw logprobs of those tokens
+    sampled_token_ranks: Optional[torch.Tensor]  # [B] int64, rank of the sampled token (1 = most likely)
+
+
+class Sampler:
+    """Picks one token per row of the logits and gathers the logprobs the batch asked for."""
+
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        """logits: [B, V] float32, row i sampled with the parameters of row i of meta."""
+        raw_logprobs = None if meta.max_num_logprobs is None else torch.log_softmax(logits, dim=-1)  # [B, V]
+        if meta.logit_bias is not None:
+            logits = add_sparse(logits, meta.logit_bias)
+        if meta.min_tokens_mask is not None:
+            logits = add_sparse(logits, meta.min_tokens_mask)
+        if meta.penalties is not None:
+            logits = apply_penalties(logits, meta.penalties)
+        sampled = _sample(logits, meta)  # [B]
+        if raw_logprobs is None:
+            return SamplerOutput(sampled, None, None, None)
+        ids, lps, ranks = gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs)
+        return SamplerOutput(sampled, ids, lps, ranks)
+
+
+def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """[B, V] processed logits -> [B] token ids."""
+    greedy_ids = None if meta.all_random else logits.argmax(dim=-1)
+    if meta.all_greedy:
+        return greedy_ids
+    logits = logits / meta.temperature[:, None]
+    if meta.min_p is not None:
+        logits = apply_min_p(logits, meta.min_p)
+    if meta.top_k is not None or meta.top_p is not None:
+        logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
+    random_ids = exponential_race(logits.softmax(dim=-1), meta.generators)
+    if meta.all_random:
+        return random_ids
+    return torch.where(meta.greedy, greedy_ids, random_ids)
+
+
+def add_sparse(logits: torch.Tensor, update: SparseLogitUpdate) -> torch.Tensor:
+    """logits[rows[n], token_ids[n]] += values[n] for every n (values may be -inf)."""
+    return logits.index_put((update.rows, update.token_ids), update.values, accumulate=True)
+
+
+def apply_penalties(logits: torch.Tensor, pen: PenaltyInputs) -> torch.Tensor:
+    """Repetition penalty on tokens seen in prompt or output (divide positive logits, multiply
+    negative ones), then logits -= frequency * count + presence * (count > 0) over output tokens."""
+    vocab_size = logits.shape[-1]
+    output_counts = _token_counts(pen.output_token_ids, vocab_size)  # [B, V] int64
+    seen = (output_counts > 0) | (_token_counts(pen.prompt_token_ids, vocab_size) > 0)  # [B, V]
+    rep = pen.repetition[:, None]  # [B, 1]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - pen.frequency[:, None] * output_counts - pen.presence[:, None] * (output_counts > 0)
+
+
+def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, L] ids padded with vocab_size -> [B, V] occurrences of each token id in each row."""
+    counts = torch.zeros(token_ids.shape[0], vocab_size + 1, dtype=torch.long, device=token_ids.device)
+    counts.scatter_add_(1, token_ids, torch.ones_like(token_ids))
+    return counts[:, :vocab_size]  # the last column counted the padding
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose prob < min_p * max prob, i.e. logit < max logit + log(min_p)."""
+    threshold = logits.amax(dim=-1, keepdim=True) + min_p.log()[:, None]  # [B, 1]; -inf when min_p = 0
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Keep each row's top_k tokens (ties with the k-th are kept), then, renormalized over those,
+    the smallest most-likely set whose cumulative prob >= top_p (always at least one token).
+
+    logits: [B, V]; top_k: [B] int64 in [1, V]; top_p: [B] float32 in (0, 1].
+    """
+    sorted_logits, order = logits.sort(dim=-1)  # [B, V] ascending
+    if top_k is not None:
+        kth_largest = sorted_logits.gather(1, (logits.shape[-1] - top_k)[:, None])  # [B, 1]
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
+    if top_p is not None:
+        cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [B, V] ascending
+        # A token goes when the more likely tokens above it already reach top_p: 1 - cum <= p.
+        drop = cum_probs <= 1 - top_p[:, None]
+        drop[:, -1] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return logits.scatter(1, order, sorted_logits)
+
+
+def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """[B, V] probs -> [B] samples: argmax(probs / q) with q ~ Exp(1) i.i.d. picks token v with prob probs[v].
+
+    Unseeded rows draw from the default generator in one call; each seeded row draws exactly V
+    values from its own generator, so its samples do not depend on the rest of the batch.
+    """
+    q = torch.empty_like(probs).exponential_()  # [B, V]
+    for row, gen in generators.items():
+        q[row].exponential_(generator=gen)
+    return probs.div(q).argmax(dim=-1)
+
+
+def gather_logprobs(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each row, the logprob of token_ids[n] followed by the k best (id, logprob) pairs.
+
+    logprobs: [N, V]; token_ids: [N] int64.
+    Returns ids [N, k+1] int64, lps [N, k+1] float32 (column 0 = token_ids, the rest in descending
+    logprob order) and ranks [N] int64: 1 + the number of tokens strictly more likely than token_ids[n].
+    """
+    token_lps = logprobs.gather(1, token_ids[:, None])  # [N, 1]
+    ranks = (logprobs > token_lps).sum(dim=-1) + 1  # [N]
+    top_lps, top_ids = logprobs.topk(k, dim=-1)  # [N, k]
+    ids = torch.cat([token_ids[:, None], top_ids], dim=1)
+    lps = torch.cat([token_lps, top_lps], dim=1)
+    return ids, lps, ranks
