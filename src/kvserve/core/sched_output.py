@@ -51,3 +51,4 @@ class RequestUpdate:
     new_token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort", None while running
     stop_reason: int | str | None = None
+    num_cached_tokens: int = 0  # prompt tokens that were prefix-cache hits at admission

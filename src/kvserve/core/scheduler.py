@@ -161,7 +161,10 @@ class Scheduler:
                     self._finish(request, request.status)
                     break
             updates.append(
-                RequestUpdate(req_id, new_tokens, request.status.finish_reason, request.stop_reason)
+                RequestUpdate(
+                    req_id, new_tokens, request.status.finish_reason, request.stop_reason,
+                    max(request.num_cached_tokens, 0),
+                )  # fmt: skip
             )
         return updates
 

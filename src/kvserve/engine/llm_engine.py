@@ -121,8 +121,7 @@ class LLMEngine:
         if sched_out.is_empty:
             return []
         updates = self.scheduler.update_from_output(sched_out, runner_out.sampled)
-        num_cached = {u.req_id: self._num_cached(u.req_id) for u in updates}
-        outputs, stopped = self.output_processor.process(updates, runner_out, num_cached)
+        outputs, stopped = self.output_processor.process(updates, runner_out)
         for child_id, stop_str in stopped:
             self.scheduler.finish_requests([child_id], RequestStatus.FINISHED_STOPPED, stop_str)
         for out in outputs:
@@ -131,10 +130,6 @@ class LLMEngine:
         return outputs
 
     # --- internals ----------------------------------------------------------------------------
-    def _num_cached(self, child_id: str) -> int:
-        request = self.scheduler.requests.get(child_id)
-        return request.num_cached_tokens if request is not None else 0
-
     def _forget(self, request_id: str) -> None:
         self._parents.pop(request_id, None)
         self._children.pop(request_id, None)

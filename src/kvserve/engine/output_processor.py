@@ -70,7 +70,7 @@ class OutputProcessor:
         self.states[child_id] = state
 
     def process(
-        self, updates: list[RequestUpdate], runner_out: ModelRunnerOutput, num_cached: dict[str, int]
+        self, updates: list[RequestUpdate], runner_out: ModelRunnerOutput
     ) -> tuple[list[RequestOutput], list[tuple[str, str]]]:
         """Returns the outputs to hand to callers, and (child id, stop string) pairs of requests a
         stop string finished, which the caller must finish in the scheduler."""
@@ -84,7 +84,7 @@ class OutputProcessor:
             state = self.states.get(update.req_id)
             if state is None:
                 continue
-            state.parent.num_cached_tokens = max(num_cached.get(update.req_id, 0), 0)
+            state.parent.num_cached_tokens = update.num_cached_tokens
             state.token_ids.extend(update.new_token_ids)
             if state.logprobs is not None and update.req_id in runner_out.logprobs:
                 entry = runner_out.logprobs[update.req_id]

@@ -1,0 +1,62 @@
+"""Shared fixtures. The tiny model is a random-weight Llama the suite builds itself, with the default
+model's tokenizer (so text round-trips), saved as an HF folder; nothing is downloaded."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    import safetensors.torch
+    import torch
+
+    from kvserve.engine.tokenizer import load_tokenizer
+    from kvserve.model.config_loader import default_model_path
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = load_tokenizer(default_model_path())
+    vocab, hidden, inter, layers, heads, kv_heads = len(tok), 64, 128, 2, 4, 2
+    head_dim = hidden // heads
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": True,
+        "torch_dtype": "float32", "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+    }  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+
+    def w(*shape, std=0.3):
+        return torch.randn(*shape, generator=g) * std
+
+    tensors = {"model.embed_tokens.weight": w(vocab, hidden, std=1.0), "model.norm.weight": torch.ones(hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "input_layernorm.weight": torch.ones(hidden),
+            p + "post_attention_layernorm.weight": torch.ones(hidden),
+            p + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": w(inter, hidden),
+            p + "mlp.up_proj.weight": w(inter, hidden),
+            p + "mlp.down_proj.weight": w(hidden, inter),
+        })  # fmt: skip
+    safetensors.torch.save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    tok.backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": tok.bos_token, "eos_token": tok.eos_token, "chat_template": tok.chat_template})
+    )
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_llama_dir):
+    """One engine over the tiny model, shared by tests that do not depend on engine settings."""
+    from kvserve import LLM
+
+    return LLM(tiny_llama_dir, dtype="float32", kv_cache_memory_bytes=64 << 20, max_num_seqs=32)
