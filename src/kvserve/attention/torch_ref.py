@@ -2,8 +2,11 @@
 
 Per step, `prepare` splits the batch into two groups (single-token decodes and multi-token
 prefill chunks) so that one long prefill does not pad every decode row to its length. For each
-group it builds, once, the index tensors that gather queries and cached keys/values through the
+group it builds, once, the index tensors that gather queries and whole cached blocks through the
 block tables, and the boolean causal mask. Each layer then does one gather and one SDPA per group.
+Whole-block gathers move contiguous block_size * Hkv * D runs (several times faster on CPU than
+gathering single slots); the slots past a request's context that come along are masked out, which
+is why the cache must hold finite values everywhere (the runner zero-fills it).
 """
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ from kvserve.attention.metadata import AttentionMetadata
 @dataclass
 class _Group:
     q_rows: torch.Tensor  # [B, Qmax] packed token row of each query (padding points at row 0)
-    key_slots: torch.Tensor  # [B, Kmax] flat cache slot of each context position
-    mask: torch.Tensor  # [B, 1, Qmax, Kmax] True where query may attend
+    block_ids: torch.Tensor  # [B, nblk] the blocks holding each request's context (padded with block 0)
+    mask: torch.Tensor  # [B, 1, Qmax, nblk * block_size] True where query may attend
     valid: torch.Tensor  # [B * Qmax] bool, real (non-padding) query rows
     out_rows: torch.Tensor  # [n_valid] packed row each real query writes to
 
@@ -37,12 +40,9 @@ def _build_group(meta: AttentionMetadata, reqs: list[int]) -> _Group:
     q_valid = i[None, :] < qlens[:, None]  # [B, Qmax]
     q_rows = torch.where(q_valid, starts[:, None] + i[None, :], torch.zeros((), dtype=torch.long))
 
-    j = torch.arange(k_max)
-    tables = meta.block_tables.cpu()[reqs][:, : (k_max + bs - 1) // bs]
-    # Positions past a request's context are clamped to its last one: every gathered slot holds
-    # written KV (never uninitialised memory, which could be NaN and poison 0-weight sums).
-    jc = torch.minimum(j[None, :], slens[:, None] - 1)  # [B, Kmax]
-    key_slots = torch.gather(tables, 1, jc // bs) * bs + jc % bs  # [B, Kmax]
+    num_blocks = (k_max + bs - 1) // bs
+    block_ids = meta.block_tables.cpu()[reqs][:, :num_blocks]
+    j = torch.arange(num_blocks * bs)
 
     q_pos = (slens - qlens)[:, None] + i[None, :]  # absolute position of each query
     mask = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < slens[:, None, None])
@@ -52,7 +52,7 @@ def _build_group(meta: AttentionMetadata, reqs: list[int]) -> _Group:
     valid = q_valid.reshape(-1)
     return _Group(
         q_rows=q_rows.to(device),
-        key_slots=key_slots.to(device),
+        block_ids=block_ids.to(device),
         mask=mask[:, None].to(device),
         valid=valid.to(device),
         out_rows=q_rows.reshape(-1)[valid].to(device),
@@ -69,18 +69,19 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, meta, scale):
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
-        k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [num_slots, Hkv, D]
-        v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
-        k_flat.index_copy_(0, meta.slot_mapping, k)
-        v_flat.index_copy_(0, meta.slot_mapping, v)
+        kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)  # [num_slots, Hkv, D]
+        kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
 
         if meta.backend_state is None:
             self.prepare(meta)
         out = torch.empty_like(q)
+        # index_select on dim 0 copies whole rows; it is about twice as fast as advanced indexing on CPU.
         for g in meta.backend_state:
-            qg = q[g.q_rows].transpose(1, 2)  # [B, Hq, Qmax, D]
-            kg = k_flat[g.key_slots].transpose(1, 2)  # [B, Hkv, Kmax, D]
-            vg = v_flat[g.key_slots].transpose(1, 2)
+            b, q_max = g.q_rows.shape
+            qg = q.index_select(0, g.q_rows.flatten()).view(b, q_max, -1, head_dim).transpose(1, 2)  # [B, Hq, Qmax, D]
+            blocks = g.block_ids.flatten()
+            kg = kv_cache[0].index_select(0, blocks).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, K, D]
+            vg = kv_cache[1].index_select(0, blocks).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
             o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=True)
             o = o.transpose(1, 2).reshape(-1, q.shape[1], head_dim)  # [B * Qmax, Hq, D]
             out[g.out_rows] = o[g.valid]

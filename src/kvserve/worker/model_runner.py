@@ -68,11 +68,11 @@ class ModelRunner:
         return budget // kv_cache_bytes_per_block(self.config)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """One [2, num_blocks, block_size, Hkv, D] tensor per layer. Left uninitialised: attention
-        only ever reads slots it has written."""
+        """One [2, num_blocks, block_size, Hkv, D] tensor per layer, zero-filled: attention may read
+        a block's unwritten tail (masked), which must not hold NaN."""
         m, bs = self.config.model, self.config.cache.block_size
         shape = (2, num_blocks, bs, m.num_key_value_heads, m.head_dim)
-        self.kv_caches = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.attn_layers]
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.attn_layers]
         for layer, cache in zip(self.attn_layers, self.kv_caches):
             layer.kv_cache, layer.backend = cache, self.backend
 
