@@ -174,3 +174,17 @@ def test_prefix_cache_hits_are_reported(tiny_llama_dir):
     assert second.num_cached_tokens >= 64 and second.num_cached_tokens % 16 == 0
     stats = llm.llm_engine.scheduler.kv.stats
     assert stats.hits == second.num_cached_tokens and stats.requests == 2
+
+
+def test_garbage_in_fresh_kv_memory_never_reaches_outputs(tiny_llama_dir, tiny_llm):
+    """The KV cache is allocated uninitialised; NaN there must not leak through masked block tails."""
+    prompts = PROMPTS[:3]
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=1)
+    expected = tiny_llm.generate(prompts, params, use_tqdm=False)
+    llm = LLM(tiny_llama_dir, dtype="float32", kv_cache_memory_bytes=16 << 20)
+    for cache in llm.llm_engine.runner.kv_caches:
+        cache.fill_(float("nan"))
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert token_ids(got) == token_ids(expected)
+    for g, e in zip(got, expected):
+        assert g.outputs[0].cumulative_logprob == pytest.approx(e.outputs[0].cumulative_logprob, abs=1e-4)

@@ -4,8 +4,8 @@ KV cache layout per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (
 A backend first writes this step's k/v at meta.slot_mapping, then attends each query row to its
 request's context read through meta.block_tables, causally (query i of request b sits at position
 seq_lens[b] - query_len[b] + i). All layers see the same metadata; `prepare` runs once per step.
-The cache is zero-filled at allocation: slots never written hold finite values, so a backend may
-read whole blocks and mask the unused tail.
+The runner zeroes each block before its first use: slots never written hold finite values, so a
+backend may read whole blocks and mask the unused tail.
 """
 from __future__ import annotations
 

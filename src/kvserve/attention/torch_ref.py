@@ -6,7 +6,7 @@ group it builds, once, the index tensors that gather queries and whole cached bl
 block tables, and the boolean causal mask. Each layer then does one gather and one SDPA per group.
 Whole-block gathers move contiguous block_size * Hkv * D runs (several times faster on CPU than
 gathering single slots); the slots past a request's context that come along are masked out, which
-is why the cache must hold finite values everywhere (the runner zero-fills it).
+is why the cache must hold finite values there (the runner zeroes blocks on first use).
 """
 from __future__ import annotations
 

@@ -13,12 +13,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import gguf
 import jinja2
 import jinja2.ext
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+
+from kvserve.model.gguf_loader import read_gguf
 
 
 @dataclass
@@ -255,7 +256,7 @@ _BYTE_LEVEL_SPLITS: dict[str, tuple[str, ...]] = {
 
 
 def _load_gguf(path: Path) -> Tokenizer:
-    fields = gguf.GGUFReader(str(path)).fields
+    fields = read_gguf(str(path)).fields
     meta = {name: field.contents() for name, field in fields.items() if name.startswith("tokenizer.")}
     model = meta.get("tokenizer.ggml.model")
     if model == "gpt2":

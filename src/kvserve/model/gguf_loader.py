@@ -5,6 +5,7 @@ Supported GGUF architectures: llama (also Mistral), qwen2, qwen3.
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Iterator
 
@@ -33,6 +34,13 @@ _LAYER_NAMES = {
 }
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+@functools.lru_cache(maxsize=2)
+def read_gguf(path: str) -> GGUFReader:
+    """The parsed file, shared by the config, weight and tokenizer loaders: parsing the metadata
+    (the whole vocabulary) takes about 2 s. Tensor data stays memory-mapped, read on access."""
+    return GGUFReader(path)
 
 
 def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
@@ -64,7 +72,7 @@ def _rope_scaling(reader: GGUFReader, arch: str) -> dict[str, Any] | None:
 
 def gguf_model_config(path: str) -> ModelConfig:
     """ModelConfig from GGUF metadata. dtype fields are "float32" (the dequantized weights)."""
-    reader = GGUFReader(path)
+    reader = read_gguf(path)
     arch = _field(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}")
@@ -126,7 +134,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def iter_gguf_weights(path: str, config: ModelConfig) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
     """-> (number of tensors, iterator of (HF name, float32 tensor [out, in] / [n])), one tensor in memory at a time."""
-    reader = GGUFReader(path)
+    reader = read_gguf(path)
     permuted = _field(reader, "general.architecture") == "llama"  # Qwen GGUFs keep HF's layout
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:

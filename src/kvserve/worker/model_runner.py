@@ -68,11 +68,13 @@ class ModelRunner:
         return budget // kv_cache_bytes_per_block(self.config)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """One [2, num_blocks, block_size, Hkv, D] tensor per layer, zero-filled: attention may read
-        a block's unwritten tail (masked), which must not hold NaN."""
+        """One [2, num_blocks, block_size, Hkv, D] tensor per layer, left uninitialised: touching
+        gigabytes up front costs seconds of page faults at start-up. Attention may read a block's
+        unwritten tail (masked out), which must not hold NaN, so each block is zeroed on first use."""
         m, bs = self.config.model, self.config.cache.block_size
         shape = (2, num_blocks, bs, m.num_key_value_heads, m.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.attn_layers]
+        self.kv_caches = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.attn_layers]
+        self._never_used = torch.ones(num_blocks, dtype=torch.bool)  # host mask of blocks not yet zeroed
         for layer, cache in zip(self.attn_layers, self.kv_caches):
             layer.kv_cache, layer.backend = cache, self.backend
 
@@ -81,6 +83,7 @@ class ModelRunner:
         self.input_batch.apply(sched_out)
         if sched_out.is_empty:
             return ModelRunnerOutput()
+        self._zero_fresh_blocks(sched_out)
         batch = self.input_batch.build(sched_out)
         meta = build_attention_metadata(
             batch.query_lens, batch.seq_lens, batch.block_tables, self.config.cache.block_size, self.device
@@ -138,6 +141,19 @@ class ModelRunner:
                 state.num_prompt_logprobs_done = first + count
                 offset += count
         return out
+
+    def _zero_fresh_blocks(self, sched_out: SchedulerOutput) -> None:
+        new_ids = [b for r in sched_out.scheduled_new_reqs for b in r.block_ids]
+        new_ids += [b for r in sched_out.scheduled_cached_reqs for b in r.new_block_ids]
+        if not new_ids:
+            return
+        ids = torch.tensor(new_ids, dtype=torch.long)
+        fresh = ids[self._never_used[ids]]
+        if fresh.numel():
+            self._never_used[fresh] = False
+            fresh = fresh.to(self.device)
+            for cache in self.kv_caches:
+                cache.index_fill_(1, fresh, 0)
 
     def _prompt_logprobs(self, batch: StepBatch, query_start_loc: torch.Tensor, hidden: torch.Tensor):
         """Logprobs of each prompt token given the ones before it, for the prompt positions in this chunk."""
