@@ -20,8 +20,11 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [B + 1] int64, cumulative query lengths
     seq_lens: torch.Tensor  # [B] int64, context length after this step
     block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
-    query_lens: list[int]  # host copies, for backends that plan on the host
+    # Host copies, so that backends plan on the host without a device sync.
+    query_lens: list[int]
     seq_lens_host: list[int]
+    query_start_loc_host: torch.Tensor  # [B + 1] int64 on the CPU
+    block_tables_host: torch.Tensor  # [B, max_blocks] int64 on the CPU
     positions: torch.Tensor  # [T] int64, absolute position of each query token
     # Backend-private precomputed state (index tensors, masks), built by the backend's
     # `prepare` once per step and reused by every layer.
@@ -62,5 +65,7 @@ def build_attention_metadata(
         block_tables=tables.to(device),
         query_lens=list(query_lens),
         seq_lens_host=list(seq_lens),
+        query_start_loc_host=starts,
+        block_tables_host=tables,
         positions=positions.to(device),
     )

@@ -33,7 +33,7 @@ def _build_group(meta: AttentionMetadata, reqs: list[int]) -> _Group:
     bs = meta.block_size
     qlens = torch.tensor([meta.query_lens[b] for b in reqs], dtype=torch.long)
     slens = torch.tensor([meta.seq_lens_host[b] for b in reqs], dtype=torch.long)
-    starts = meta.query_start_loc.cpu()[reqs]
+    starts = meta.query_start_loc_host[reqs]
     q_max, k_max = int(qlens.max()), int(slens.max())
 
     i = torch.arange(q_max)
@@ -41,7 +41,7 @@ def _build_group(meta: AttentionMetadata, reqs: list[int]) -> _Group:
     q_rows = torch.where(q_valid, starts[:, None] + i[None, :], torch.zeros((), dtype=torch.long))
 
     num_blocks = (k_max + bs - 1) // bs
-    block_ids = meta.block_tables.cpu()[reqs][:, :num_blocks]
+    block_ids = meta.block_tables_host[reqs][:, :num_blocks]
     j = torch.arange(num_blocks * bs)
 
     q_pos = (slens - qlens)[:, None] + i[None, :]  # absolute position of each query

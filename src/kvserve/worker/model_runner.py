@@ -19,7 +19,7 @@ from kvserve.forward_context import set_forward_context
 from kvserve.layers.attention import Attention
 from kvserve.model.loader import load_model
 from kvserve.worker.input_batch import InputBatch, StepBatch
-from kvserve.worker.sampler import Sampler, gather_logprobs
+from kvserve.worker.sampler import Sampler, SamplerOutput, gather_logprobs
 from kvserve.worker.sampling_metadata import SamplingMetadata
 
 logger = logging.getLogger(__name__)
@@ -93,54 +93,60 @@ class ModelRunner:
         with set_forward_context(meta):
             hidden = self.model(input_ids, meta.positions)  # [T, H]
 
-        out = ModelRunnerOutput()
-        host = {}
+        starts = meta.query_start_loc_host  # [B + 1]: request b's rows are starts[b]:starts[b + 1]
+        results = {}
         if batch.sampling_rows:
-            rows = meta.query_start_loc[1:][batch.sampling_rows] - 1  # last token of each sampling request
-            logits = self.model.compute_logits(hidden[rows])  # [S, V] float32
-            states = [self.input_batch.requests[batch.req_ids[b]] for b in batch.sampling_rows]
-            sampling_meta = SamplingMetadata.build(
-                [s.sampling_params for s in states],
-                [s.prompt_token_ids for s in states],
-                [s.output_token_ids for s in states],
-                [s.generator for s in states],
-                self.config.model.vocab_size,
-                self.device,
-            )
-            host["sample"] = self.sampler(logits, sampling_meta)
+            results["sample"] = self._sample(batch, starts, hidden)
         if batch.prompt_logprob_spans:
-            host["prompt"] = self._prompt_logprobs(batch, meta.query_start_loc, hidden)
-        host = _to_host(host)
+            results["prompt"] = self._prompt_logprobs(batch, starts.tolist(), hidden)
+        results = _to_host(results, self.device)
 
-        if "sample" in host:
-            sampler_out = host["sample"]
-            sampled = sampler_out.sampled_token_ids.tolist()
-            for row, b in enumerate(batch.sampling_rows):
-                state = self.input_batch.requests[batch.req_ids[b]]
-                state.token_ids.append(sampled[row])
-                out.sampled[state.req_id] = [sampled[row]]
-            if sampler_out.logprobs is not None:
-                ids, lps, ranks = (
-                    sampler_out.logprob_token_ids.tolist(),
-                    sampler_out.logprobs.tolist(),
-                    sampler_out.sampled_token_ranks.tolist(),
-                )
-                for row, b in enumerate(batch.sampling_rows):
-                    state = self.input_batch.requests[batch.req_ids[b]]
-                    if state.sampling_params.logprobs is not None:
-                        k = state.sampling_params.logprobs + 1
-                        out.logprobs[state.req_id] = (ids[row][:k], lps[row][:k], ranks[row])
-        if "prompt" in host:
-            ids, lps, ranks = (t.tolist() for t in host["prompt"])
-            offset = 0
-            for b, first, count in batch.prompt_logprob_spans:
-                state = self.input_batch.requests[batch.req_ids[b]]
-                k = state.sampling_params.prompt_logprobs + 1
-                entries = [(ids[i][:k], lps[i][:k], ranks[i]) for i in range(offset, offset + count)]
-                out.prompt_logprobs[state.req_id] = (first, entries)
-                state.num_prompt_logprobs_done = first + count
-                offset += count
+        out = ModelRunnerOutput()
+        if "sample" in results:
+            self._record_samples(batch, results["sample"], out)
+        if "prompt" in results:
+            self._record_prompt_logprobs(batch, results["prompt"], out)
         return out
+
+    def _sample(self, batch: StepBatch, starts: torch.Tensor, hidden: torch.Tensor) -> SamplerOutput:
+        rows = (starts[1:][batch.sampling_rows] - 1).to(self.device)  # last row of each sampling request
+        logits = self.model.compute_logits(hidden[rows])  # [S, V] float32
+        states = [self.input_batch.requests[batch.req_ids[b]] for b in batch.sampling_rows]
+        meta = SamplingMetadata.build(
+            [s.sampling_params for s in states],
+            [s.prompt_token_ids for s in states],
+            [s.output_token_ids for s in states],
+            [s.generator for s in states],
+            self.config.model.vocab_size,
+            self.device,
+        )
+        return self.sampler(logits, meta)
+
+    def _record_samples(self, batch: StepBatch, sampled: SamplerOutput, out: ModelRunnerOutput) -> None:
+        """Append each sampled token to the runner's copy of its request; fill the step's output."""
+        token_ids = sampled.sampled_token_ids.tolist()
+        states = [self.input_batch.requests[batch.req_ids[b]] for b in batch.sampling_rows]
+        for state, token_id in zip(states, token_ids):
+            state.token_ids.append(token_id)
+            out.sampled[state.req_id] = [token_id]
+        if sampled.logprobs is None:
+            return
+        ids, lps, ranks = sampled.logprob_token_ids.tolist(), sampled.logprobs.tolist(), sampled.sampled_token_ranks.tolist()
+        for row, state in enumerate(states):
+            if state.sampling_params.logprobs is not None:
+                k = state.sampling_params.logprobs + 1
+                out.logprobs[state.req_id] = (ids[row][:k], lps[row][:k], ranks[row])
+
+    def _record_prompt_logprobs(self, batch: StepBatch, result, out: ModelRunnerOutput) -> None:
+        ids, lps, ranks = (t.tolist() for t in result)
+        offset = 0
+        for b, first, count in batch.prompt_logprob_spans:
+            state = self.input_batch.requests[batch.req_ids[b]]
+            k = state.sampling_params.prompt_logprobs + 1
+            entries = [(ids[i][:k], lps[i][:k], ranks[i]) for i in range(offset, offset + count)]
+            out.prompt_logprobs[state.req_id] = (first, entries)
+            state.num_prompt_logprobs_done = first + count
+            offset += count
 
     def _zero_fresh_blocks(self, sched_out: SchedulerOutput) -> None:
         new_ids = [b for r in sched_out.scheduled_new_reqs for b in r.block_ids]
@@ -155,10 +161,9 @@ class ModelRunner:
             for cache in self.kv_caches:
                 cache.index_fill_(1, fresh, 0)
 
-    def _prompt_logprobs(self, batch: StepBatch, query_start_loc: torch.Tensor, hidden: torch.Tensor):
+    def _prompt_logprobs(self, batch: StepBatch, starts: list[int], hidden: torch.Tensor):
         """Logprobs of each prompt token given the ones before it, for the prompt positions in this chunk."""
         rows, targets, k = [], [], 0
-        starts = query_start_loc.tolist()
         for b, first, count in batch.prompt_logprob_spans:
             state = self.input_batch.requests[batch.req_ids[b]]
             chunk_start = batch.seq_lens[b] - batch.query_lens[b]  # position of the chunk's first row
@@ -178,35 +183,19 @@ def _available_memory(device: torch.device) -> int:
     return info.get("MemAvailable", info["MemTotal"])
 
 
-def _to_host(tensors: dict) -> dict:
-    """The step's single device-to-host transfer: every result tensor copied at once."""
-    if not tensors:
-        return tensors
+def _to_host(results: dict, device: torch.device) -> dict:
+    """The step's single device-to-host transfer: start every copy, then wait once."""
 
     def move(x):
         if isinstance(x, torch.Tensor):
             return x.to("cpu", non_blocking=True)
         if isinstance(x, tuple):
             return tuple(move(t) for t in x)
-        if hasattr(x, "__dataclass_fields__"):
-            return type(x)(**{f: move(getattr(x, f)) for f in x.__dataclass_fields__})
+        if isinstance(x, SamplerOutput):
+            return SamplerOutput(*(move(getattr(x, f)) for f in x.__dataclass_fields__))
         return x
 
-    moved = {k: move(v) for k, v in tensors.items()}
-    if any(isinstance(v, torch.Tensor) and v.is_cuda for v in _flatten(tensors)):
-        torch.cuda.synchronize()
+    moved = {k: move(v) for k, v in results.items()}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return moved
-
-
-def _flatten(x):
-    if isinstance(x, dict):
-        for v in x.values():
-            yield from _flatten(v)
-    elif isinstance(x, tuple):
-        for v in x:
-            yield from _flatten(v)
-    elif hasattr(x, "__dataclass_fields__"):
-        for f in x.__dataclass_fields__:
-            yield from _flatten(getattr(x, f))
-    else:
-        yield x
