@@ -20,7 +20,6 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import processors
 
 
-
 @dataclass
 class TokenizerOutput:
     """What `Tokenizer.__call__` returns: the ids, named as HF's `BatchEncoding` names them."""
