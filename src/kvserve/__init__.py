@@ -1,4 +1,5 @@
 """kvserve: an LLM serving engine. `from kvserve import LLM, SamplingParams` as with vLLM."""
+from kvserve.inputs import TextPrompt, TokensPrompt
 from kvserve.outputs import CompletionOutput, Logprob, RequestOutput
 from kvserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -6,7 +7,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LLM", "LLMEngine", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
-    "RequestOutputKind", "__version__",
+    "RequestOutputKind", "TextPrompt", "TokensPrompt", "__version__",
 ]  # fmt: skip
 
 

@@ -188,3 +188,14 @@ def test_garbage_in_fresh_kv_memory_never_reaches_outputs(tiny_llama_dir, tiny_l
     assert token_ids(got) == token_ids(expected)
     for g, e in zip(got, expected):
         assert g.outputs[0].cumulative_logprob == pytest.approx(e.outputs[0].cumulative_logprob, abs=1e-4)
+
+
+def test_vllm_prompt_types(tiny_llm):
+    from kvserve import TextPrompt, TokensPrompt
+
+    params = SamplingParams(temperature=0, max_tokens=4)
+    ids = tiny_llm.get_tokenizer().encode(PROMPTS[0])
+    a = tiny_llm.generate(TextPrompt(prompt=PROMPTS[0]), params, use_tqdm=False)[0]
+    b = tiny_llm.generate(TokensPrompt(prompt_token_ids=ids, prompt="shown"), params, use_tqdm=False)[0]
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert b.prompt == "shown" and b.prompt_token_ids == ids

@@ -16,14 +16,13 @@ from kvserve.core.scheduler import Scheduler
 from kvserve.engine.arg_utils import EngineArgs
 from kvserve.engine.output_processor import OutputProcessor, ParentRequest
 from kvserve.engine.tokenizer import load_tokenizer
+from kvserve.inputs import PromptType
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.worker.model_runner import ModelRunner, kv_cache_bytes_per_block
 
 logger = logging.getLogger(__name__)
 
-# What add_request accepts as a prompt: text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": ...}.
-PromptType = Union[str, list[int], dict]
 
 
 class LLMEngine:

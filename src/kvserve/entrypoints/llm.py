@@ -8,7 +8,8 @@ from typing import Any, Optional, Sequence, Union
 from tqdm import tqdm
 
 from kvserve.engine.arg_utils import EngineArgs
-from kvserve.engine.llm_engine import LLMEngine, PromptType
+from kvserve.engine.llm_engine import LLMEngine
+from kvserve.inputs import PromptType
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import RequestOutputKind, SamplingParams
 
