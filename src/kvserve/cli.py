@@ -1,10 +1,14 @@
-"""`kvserve generate | bench`: parses flags into EngineArgs (the frozen config is built from them)."""
+"""`kvserve serve | generate | bench`: parses flags into EngineArgs or ServerConfig (the frozen configs)."""
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from kvserve.config import SUPPORTED_DTYPES
+from kvserve.server_config import ConfigError, add_serve_args, build_server_config
+
+_STARTED_AT = time.monotonic()  # for `kvserve serve`'s "ready N s after start" line
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -45,12 +49,33 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(outputs[0].outputs[0].text)
 
 
+def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    try:
+        config = build_server_config(args)
+    except (ConfigError, OSError) as e:
+        parser.error(str(e))
+    from kvserve.entrypoints.openai.api_server import run_server
+
+    sys.exit(run_server(config, started_at=_STARTED_AT))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="kvserve",
         description="kvserve: an LLM serving engine with continuous batching and a paged KV cache.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP (OpenAI- and TGI-compatible API)",
+        description="Serve MODEL over HTTP: /v1/completions, /v1/chat/completions, /v1/models, TGI's /generate "
+        "and /generate_stream, /health, /metrics. Every flag can also be set by the environment variable "
+        "KVSERVE_<FLAG> (e.g. KVSERVE_MAX_NUM_SEQS=64) or a --config file; the command line wins over the "
+        "environment, which wins over the file.",
+    )
+    add_serve_args(serve)
+    serve.set_defaults(func=lambda a: cmd_serve(a, serve))
 
     gen = sub.add_parser("generate", help="generate a completion for one prompt, offline")
     add_engine_args(gen)
@@ -61,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
 
-    bench = sub.add_parser("bench", help="benchmarks (throughput)")
+    bench = sub.add_parser("bench", help="benchmarks (offline throughput, serving load)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     from kvserve.bench import throughput
 
@@ -69,6 +94,17 @@ def main(argv: list[str] | None = None) -> None:
     add_engine_args(tp)
     throughput.add_args(tp)
     tp.set_defaults(func=lambda a: throughput.run(a, engine_kwargs(a)))
+
+    from kvserve.bench import serve as bench_serve
+
+    bs = bench_sub.add_parser(
+        "serve",
+        help="load a running server with random prompts; TTFT/ITL/e2e and throughput",
+        description=bench_serve.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_serve.add_args(bs)
+    bs.set_defaults(func=bench_serve.run)
 
     args = parser.parse_args(argv)
     args.func(args)

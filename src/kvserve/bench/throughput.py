@@ -25,6 +25,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--random-seed", type=int, default=0)
+    p.add_argument(
+        "--prefix-len",
+        type=int,
+        default=0,
+        help="tokens of one random prefix shared by every prompt, before its --input-len distinct tokens "
+        "(as vLLM's --random-prefix-len); measures prefix caching",
+    )
     p.add_argument("--baseline", choices=("none", "hf"), default="none")
     p.add_argument("--hf-batch-size", type=int, default=None, help="HF generate batch size (default: all prompts)")
     p.add_argument(
@@ -38,6 +45,14 @@ def random_prompts(num: int, length: int, vocab_size: int, avoid: set[int], seed
     rng = random.Random(seed)
     allowed = [t for t in range(vocab_size) if t not in avoid]
     return [[rng.choice(allowed) for _ in range(length)] for _ in range(num)]
+
+
+def with_shared_prefix(
+    prompts: list[list[int]], prefix_len: int, vocab_size: int, avoid: set[int], seed: int
+) -> list[list[int]]:
+    """Prompts for the shared-prefix benchmark: one random prefix of prefix_len tokens before each prompt."""
+    prefix = random_prompts(1, prefix_len, vocab_size, avoid, seed + 1)[0]
+    return [prefix + prompt for prompt in prompts]
 
 
 def report(name: str, num: int, in_len: int, out_len: int, seconds: float) -> dict:
@@ -62,22 +77,26 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> None:
     llm = LLM(**engine_kwargs)
     tokenizer = llm.get_tokenizer()
     config = llm.llm_engine.config
-    prompts = random_prompts(
-        args.num_prompts, args.input_len, config.model.vocab_size, set(tokenizer.all_special_ids), args.random_seed
-    )
+    avoid = set(tokenizer.all_special_ids)
+    prompts = random_prompts(args.num_prompts, args.input_len, config.model.vocab_size, avoid, args.random_seed)
+    warmup = prompts[:2]  # without the shared prefix: the timed run computes it once, as vLLM's does
+    if args.prefix_len:
+        prompts = with_shared_prefix(prompts, args.prefix_len, config.model.vocab_size, avoid, args.random_seed)
+    in_len = args.prefix_len + args.input_len
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0.0)
-    llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    llm.generate(warmup, SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - t0
     assert all(len(o.outputs[0].token_ids) == args.output_len for o in outputs)
     print(f"model={config.model.path} dtype={config.model.dtype} prompts={args.num_prompts} "
-          f"input={args.input_len} output={args.output_len} threads={_threads()}", flush=True)  # fmt: skip
-    ours = report("kvserve", args.num_prompts, args.input_len, args.output_len, elapsed)
+          f"input={in_len} (shared prefix {args.prefix_len}) output={args.output_len} threads={_threads()}",
+          flush=True)  # fmt: skip
+    ours = report("kvserve", args.num_prompts, in_len, args.output_len, elapsed)
     if args.baseline == "hf":
         del llm
         base = run_hf_baseline(args, config.model.path, config.model.dtype, prompts)
-        report("hf", args.num_prompts, args.input_len, args.output_len, base["seconds"])
+        report("hf", args.num_prompts, in_len, args.output_len, base["seconds"])
         print(f"ratio kvserve / hf (output tok/s): {base['seconds'] / ours['seconds']:.2f}x", flush=True)
 
 

@@ -1,0 +1,86 @@
+"""`kvserve serve` settings: defaults < config file < KVSERVE_* environment < command line; bad values
+name their source; the help texts stand on their own. No server is started here."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from kvserve.cli import main
+from kvserve.server_config import ConfigError, ServerConfig, add_serve_args, build_server_config
+
+
+def parse(argv: list[str], environ: dict[str, str] | None = None) -> ServerConfig:
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    return build_server_config(parser.parse_args(argv), environ or {})
+
+
+def test_defaults_match_vllm():
+    config = parse([])
+    assert (config.host, config.port, config.api_key, config.model) == ("127.0.0.1", 8000, None, None)
+    assert config.enable_prefix_caching and config.max_num_seqs == 256 and config.allowed_origins == ()
+
+
+def test_command_line_beats_environment_beats_file(tmp_path):
+    file = tmp_path / "serve.yaml"
+    file.write_text("port: 1111\nmax-num-seqs: 4\nhost: 0.0.0.0\nenable_prefix_caching: false\n")
+    env = {"KVSERVE_PORT": "2222", "KVSERVE_MAX_NUM_SEQS": "8", "KVSERVE_ALLOWED_ORIGINS": "http://a, http://b"}
+    config = parse(["--config", str(file), "--port", "3333", "my-model"], env)
+    assert config.port == 3333  # command line
+    assert config.max_num_seqs == 8  # environment over the file
+    assert config.host == "0.0.0.0" and config.enable_prefix_caching is False  # file over the defaults
+    assert config.allowed_origins == ("http://a", "http://b")
+    assert config.model == "my-model"
+    flag_wins = parse(["--no-enable-prefix-caching"], {"KVSERVE_ENABLE_PREFIX_CACHING": "true"})
+    assert flag_wins.enable_prefix_caching is False
+
+
+def test_json_config_file_and_engine_args(tmp_path):
+    file = tmp_path / "serve.json"
+    file.write_text(json.dumps({"max_model_len": 1024, "served-model-name": ["a", "b"], "block_size": 32}))
+    config = parse(["--config", str(file)])
+    assert config.model_names == ("a", "b")
+    args = config.engine_args()
+    assert (args.max_model_len, args.block_size, args.enable_prefix_caching) == (1024, 32, True)
+
+
+@pytest.mark.parametrize(
+    "environ,file_text,words",
+    [({"KVSERVE_PORT": "eighty"}, None, ["KVSERVE_PORT", "port"]),
+     ({"KVSERVE_ENABLE_PREFIX_CACHING": "maybe"}, None, ["KVSERVE_ENABLE_PREFIX_CACHING", "true/false"]),
+     ({"KVSERVE_DTYPE": "int3"}, None, ["dtype must be one of"]),
+     ({"KVSERVE_PORT": "70000"}, None, ["port must be in"]),
+     ({}, "max-num-seq: 4\n", ["unknown setting", "max-num-seq"]),
+     ({}, "- a list\n", ["expected a mapping"])],
+)  # fmt: skip
+def test_bad_settings_name_their_source(tmp_path, environ, file_text, words):
+    argv = []
+    if file_text is not None:
+        (tmp_path / "bad.yaml").write_text(file_text)
+        argv = ["--config", str(tmp_path / "bad.yaml")]
+    with pytest.raises(ConfigError) as info:
+        parse(argv, environ)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_help_texts(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "serve" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--host", "--port", "--api-key", "--served-model-name", "--dtype", "--max-model-len",
+                 "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--no-enable-prefix-caching",
+                 "--chat-template", "--seed", "--allowed-origins", "--max-queued-requests", "--log-level",
+                 "--config", "KVSERVE_MAX_NUM_SEQS"):  # fmt: skip
+        assert flag in text, flag
+
+
+def test_bad_flag_value_exits_with_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--port", "-5"])
+    assert info.value.code == 2 and "port must be in" in capsys.readouterr().err
