@@ -1,7 +1,6 @@
 """KV-cache manager and block pool: exact block ids, prefix hits, eviction order. No torch."""
 import sys
 
-
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.request import Request
 from kvserve.sampling_params import SamplingParams
