@@ -122,8 +122,17 @@ def test_metrics_exposes_every_required_series(tiny_server):
 
 
 def test_stats_line_is_logged_while_busy(tiny_server):
-    # The load tests above kept the server busy for more than the 1 s interval this server logs at.
-    lines = [line for line in tiny_server.log().splitlines() if "kvserve.stats" in line]
+    # This server logs every 1 s while busy: keep it busy (sequential long completions) until a
+    # stats line shows up, bounded by a deadline.
+    def stats_lines():
+        return [line for line in tiny_server.log().splitlines() if "kvserve.stats" in line]
+
+    body = {"prompt": "Keep going", "max_tokens": 200, "ignore_eos": True, "temperature": 0.0}
+    deadline = time.monotonic() + 60
+    while not stats_lines() and time.monotonic() < deadline:
+        response = httpx.post(f"{tiny_server.url}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+    lines = stats_lines()
     assert lines, tiny_server.log()[-2000:]
     assert "running:" in lines[-1] and "KV cache usage" in lines[-1] and "generation throughput" in lines[-1]
 
