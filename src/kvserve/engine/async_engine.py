@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Union
 
 from kvserve.engine.arg_utils import EngineArgs
-from kvserve.engine.llm_engine import LLMEngine, PromptType
+from kvserve.engine.llm_engine import LLMEngine
+from kvserve.inputs import PromptType
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
 
