@@ -43,10 +43,9 @@ def build_attention_metadata(
     block_tables[b] must cover ceil(seq_lens[b] / block_size) blocks. Vectorized over tokens.
     """
     num_reqs = len(query_lens)
-    width = max((len(t) for t in block_tables), default=0)
-    tables = torch.zeros(num_reqs, max(width, 1), dtype=torch.long)
-    for b, table in enumerate(block_tables):
-        tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
+    width = max((len(t) for t in block_tables), default=1)  # tables right-padded with block 0
+    tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
+    tables = tables.view(num_reqs, width)
     qlens = torch.tensor(query_lens, dtype=torch.long)
     slens = torch.tensor(seq_lens, dtype=torch.long)
     starts = torch.zeros(num_reqs + 1, dtype=torch.long)

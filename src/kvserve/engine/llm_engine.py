@@ -4,7 +4,6 @@ The server's async loop and the offline LLM both drive this synchronously; it is
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from typing import Optional, Union
@@ -43,7 +42,6 @@ class LLMEngine:
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(config.model.eos_token_ids)
         self._parents: dict[str, ParentRequest] = {}
         self._children: dict[str, list[str]] = {}  # parent id -> child ids
-        self._counter = itertools.count()
 
         max_len = config.scheduler.max_model_len
         gib = num_blocks * kv_cache_bytes_per_block(config) / 2**30

@@ -121,11 +121,15 @@ class RotaryEmbedding(nn.Module):
         cache = torch.cat([freqs.cos() * attention_factor, freqs.sin() * attention_factor], dim=-1)
         self.cos_sin_cache = cache.to(self.cos_sin_cache.device)
 
+    def cos_sin(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions: [T] long -> [T, D] float32 (cos | sin). Looked up once per step, shared by all layers."""
+        return self.cos_sin_cache[positions]
+
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self, cos_sin: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] long; q: [T, Hq * D], k: [T, Hkv * D] -> rotated (q, k), same shapes and dtype."""
-        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # [T, D/2] each
+        """cos_sin: [T, D] from cos_sin(positions); q: [T, Hq * D], k: [T, Hkv * D] -> rotated (q, k)."""
+        cos, sin = cos_sin.chunk(2, dim=-1)  # [T, D/2] each
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -46,14 +46,14 @@ class LlamaAttention(nn.Module):
             self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, config.head_dim, config.head_dim**-0.5
         )
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """positions: [T], hidden: [T, hidden] -> [T, hidden]."""
+    def forward(self, cos_sin: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """cos_sin: [T, D] rotary table rows of the tokens' positions, hidden: [T, hidden] -> [T, hidden]."""
         qkv = self.qkv_proj(hidden)  # [T, (Hq + 2 * Hkv) * D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None:
             q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)  # per head: [T, Hq, D]
             k = self.k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(-2)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = self.rotary_emb(cos_sin, q, k)
         return self.o_proj(self.attn(q, k, v))  # attn: [T, Hq * D]
 
 
@@ -78,7 +78,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, dtype)
 
     def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+        self, cos_sin: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-norm block with the residual add deferred into the next norm.
 
@@ -87,7 +87,7 @@ class LlamaDecoderLayer(nn.Module):
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
+        hidden = self.self_attn(cos_sin, hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -99,6 +99,7 @@ class LlamaModel(nn.Module):
         rotary_emb = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
+        self.rotary_emb = rotary_emb  # one table for all layers; each attention applies it
         self.layers = nn.ModuleList(
             [LlamaDecoderLayer(config, rotary_emb, dtype) for _ in range(config.num_hidden_layers)]
         )
@@ -106,8 +107,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None  # [T, hidden]
+        cos_sin = self.rotary_emb.cos_sin(positions)  # [T, D], shared by every layer
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
+            hidden, residual = layer(cos_sin, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
