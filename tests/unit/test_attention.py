@@ -1,9 +1,11 @@
-"""Torch reference paged attention against plain causal attention on contiguous K/V."""
+"""Paged attention backends (torch reference, CPU kernels) against plain causal attention on contiguous K/V."""
 import math
 
+import pytest
 import torch
 
 from kvserve.attention.metadata import build_attention_metadata
+from kvserve.attention.cpu_paged import CpuAttentionBackend
 from kvserve.attention.torch_ref import TorchAttentionBackend
 
 HQ, HKV, D, BS = 4, 2, 8, 4
@@ -20,18 +22,27 @@ def dense_attention(q, k, v):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-def test_mixed_prefill_chunks_and_decodes_match_dense_attention():
+# (backend, dtype, tolerance): bf16 inputs are compared with float32 attention of the same bf16 values.
+BACKENDS = [
+    (TorchAttentionBackend, torch.float32, 1e-5),
+    (CpuAttentionBackend, torch.float32, 1e-5),
+    (CpuAttentionBackend, torch.bfloat16, 1e-2),
+]
+
+
+@pytest.mark.parametrize("backend_cls,dtype,tol", BACKENDS)
+def test_mixed_prefill_chunks_and_decodes_match_dense_attention(backend_cls, dtype, tol):
     torch.manual_seed(0)
     num_blocks = 40
     # Slots that were never written (or hold stale KV) must not leak into outputs: fill them with
     # large values that would dominate any unmasked score.
-    cache = torch.full((2, num_blocks, BS, HKV, D), 50.0)
-    backend = TorchAttentionBackend()
+    cache = torch.full((2, num_blocks, BS, HKV, D), 50.0, dtype=dtype)
+    backend = backend_cls()
     full_len = [7, 3, 13, 1]
     tables = [[5, 2], [9], [30, 31, 1, 20], [11]]
-    ks = [torch.randn(n, HKV, D) for n in full_len]
-    vs = [torch.randn(n, HKV, D) for n in full_len]
-    qs = [torch.randn(n, HQ, D) for n in full_len]
+    ks = [torch.randn(n, HKV, D).to(dtype) for n in full_len]
+    vs = [torch.randn(n, HKV, D).to(dtype) for n in full_len]
+    qs = [torch.randn(n, HQ, D).to(dtype) for n in full_len]
     # Step 1: request 0 whole, request 1 whole, request 2 first chunk of 5, request 3 not yet.
     # Step 2: request 0 and 1 decode one more token each is simulated by a second chunk of 2.
     # Step 3: request 2 second chunk (8), request 3 its only token, request 0 last token.
@@ -51,9 +62,13 @@ def test_mixed_prefill_chunks_and_decodes_match_dense_attention():
         backend.prepare(meta)
         out = backend.forward(q, k, v, cache, meta, 1 / math.sqrt(D))
         expected = torch.cat(
-            [dense_attention(qs[r][slice(*step[r])], ks[r][: step[r][1]], vs[r][: step[r][1]]) for r in reqs]
+            [
+                dense_attention(qs[r][slice(*step[r])].float(), ks[r][: step[r][1]].float(), vs[r][: step[r][1]].float())
+                for r in reqs
+            ]
         )
-        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
 
 
 def test_slot_mapping_and_positions():
@@ -61,3 +76,49 @@ def test_slot_mapping_and_positions():
     assert meta.positions.tolist() == [4, 5, 2]
     assert meta.slot_mapping.tolist() == [3 * BS + 0, 3 * BS + 1, 4 * BS + 2]
     assert meta.query_start_loc.tolist() == [0, 2, 3]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_cpu_paged_kernel_reads_context_in_place(dtype, tol):
+    """The C++ kernel on its own, every row kind (decode, fresh prefill, chunk after context),
+    GQA 3:1, block size 16, scattered blocks, and NaN in every slot no request has written."""
+    from kvserve.ops import cpu_ops
+
+    torch.manual_seed(1)
+    hq, hkv, d, bs, num_blocks = 6, 2, 64, 16, 64
+    cache = torch.full((2, num_blocks, bs, hkv, d), float("nan"), dtype=dtype)
+    # Nine requests: batches of 8+ give each work item all kv heads, smaller ones one head each.
+    ctx_lens, q_lens = [1, 40, 97, 16, 17, 33, 130, 64, 5], [1, 1, 5, 16, 9, 33, 1, 1, 2]
+    free = torch.randperm(num_blocks).tolist()
+    tables, qs, ks, vs = [], [], [], []
+    for n_ctx in ctx_lens:
+        table = [free.pop() for _ in range(-(-n_ctx // bs))]
+        k, v = torch.randn(n_ctx, hkv, d).to(dtype), torch.randn(n_ctx, hkv, d).to(dtype)
+        for pos in range(n_ctx):
+            cache[0, table[pos // bs], pos % bs], cache[1, table[pos // bs], pos % bs] = k[pos], v[pos]
+        tables.append(table)
+        ks.append(k)
+        vs.append(v)
+    qs = [torch.randn(n, hq, d).to(dtype) for n in q_lens]
+    meta = build_attention_metadata(q_lens, ctx_lens, tables, bs)
+    q = torch.cat(qs)
+    out = torch.zeros_like(q)
+    for reqs in (torch.arange(len(q_lens)), torch.tensor([0, 2, 4]), torch.tensor([1, 3, 5, 6, 7, 8])):
+        assert cpu_ops.paged_attention(
+            q, cache, out, meta.block_tables_host, torch.tensor(ctx_lens), meta.query_start_loc_host, reqs, d**-0.5
+        )
+    for b in range(len(q_lens)):
+        rows = slice(int(meta.query_start_loc_host[b]), int(meta.query_start_loc_host[b + 1]))
+        k, v = ks[b].float().repeat_interleave(hq // hkv, 1), vs[b].float().repeat_interleave(hq // hkv, 1)
+        n, m = q_lens[b], ctx_lens[b]
+        scores = torch.einsum("qhd,khd->hqk", qs[b].float(), k) * d**-0.5
+        allowed = torch.arange(m)[None, :] <= (m - n + torch.arange(n))[:, None]
+        expected = torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+        torch.testing.assert_close(out[rows].float(), expected, atol=tol, rtol=tol)
+    # Only the listed requests are written.
+    out2 = torch.zeros_like(q)
+    cpu_ops.paged_attention(
+        q, cache, out2, meta.block_tables_host, torch.tensor(ctx_lens), meta.query_start_loc_host,
+        torch.tensor([2]), d**-0.5,
+    )  # fmt: skip
+    assert out2[:2].abs().sum() == 0 and out2[7:].abs().sum() == 0 and out2[2:7].abs().sum() > 0

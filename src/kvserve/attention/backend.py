@@ -35,8 +35,16 @@ class AttentionBackend(ABC):
         ...
 
 
-def get_attention_backend(device: str) -> AttentionBackend:
-    """The backend for a device. Only the torch-native reference exists so far; GPU kernels plug in here."""
+def get_attention_backend(device: str, dtype: torch.dtype = torch.float32) -> AttentionBackend:
+    """The fastest backend that applies: the CPU kernels on a CPU (float32/bfloat16, when the
+    library builds), else the torch-native reference. GPU kernels plug in here."""
     from kvserve.attention.torch_ref import TorchAttentionBackend
 
+    if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        from kvserve.ops import cpu_build
+
+        if cpu_build.load() is not None:
+            from kvserve.attention.cpu_paged import CpuAttentionBackend
+
+            return CpuAttentionBackend()
     return TorchAttentionBackend()

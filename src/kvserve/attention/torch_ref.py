@@ -20,7 +20,7 @@ from kvserve.attention.metadata import AttentionMetadata
 
 
 @dataclass
-class _Group:
+class Group:
     q_rows: torch.Tensor  # [B, Qmax] packed token row of each query (padding points at row 0)
     block_ids: torch.Tensor  # [B, nblk] the blocks holding each request's context (padded with block 0)
     mask: torch.Tensor  # [B, 1, Qmax, nblk * block_size] True where query may attend
@@ -28,7 +28,7 @@ class _Group:
     out_rows: torch.Tensor  # [n_valid] packed row each real query writes to
 
 
-def _build_group(meta: AttentionMetadata, reqs: list[int]) -> _Group:
+def build_group(meta: AttentionMetadata, reqs: list[int]) -> Group:
     device = meta.slot_mapping.device
     bs = meta.block_size
     qlens = torch.tensor([meta.query_lens[b] for b in reqs], dtype=torch.long)
@@ -50,7 +50,7 @@ def _build_group(meta: AttentionMetadata, reqs: list[int]) -> _Group:
     mask |= (~q_valid)[:, :, None] & (j == 0)[None, None, :]
 
     valid = q_valid.reshape(-1)
-    return _Group(
+    return Group(
         q_rows=q_rows.to(device),
         block_ids=block_ids.to(device),
         mask=mask[:, None].to(device),
@@ -65,24 +65,34 @@ class TorchAttentionBackend(AttentionBackend):
     def prepare(self, meta: AttentionMetadata) -> None:
         decode = [b for b, n in enumerate(meta.query_lens) if n == 1]
         prefill = [b for b, n in enumerate(meta.query_lens) if n > 1]
-        meta.backend_state = [_build_group(meta, g) for g in (decode, prefill) if g]
+        meta.backend_state = [build_group(meta, g) for g in (decode, prefill) if g]
 
     def forward(self, q, k, v, kv_cache, meta, scale):
-        num_kv_heads, head_dim = k.shape[1], k.shape[2]
-        kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)  # [num_slots, Hkv, D]
-        kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
-
+        write_kv_cache(k, v, kv_cache, meta.slot_mapping)
         if meta.backend_state is None:
             self.prepare(meta)
         out = torch.empty_like(q)
-        # index_select on dim 0 copies whole rows; it is about twice as fast as advanced indexing on CPU.
         for g in meta.backend_state:
-            b, q_max = g.q_rows.shape
-            qg = q.index_select(0, g.q_rows.flatten()).view(b, q_max, -1, head_dim).transpose(1, 2)  # [B, Hq, Qmax, D]
-            blocks = g.block_ids.flatten()
-            kg = kv_cache[0].index_select(0, blocks).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, K, D]
-            vg = kv_cache[1].index_select(0, blocks).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=True)
-            o = o.transpose(1, 2).reshape(-1, q.shape[1], head_dim)  # [B * Qmax, Hq, D]
-            out[g.out_rows] = o[g.valid]
+            attend_group(g, q, kv_cache, out, scale)
         return out
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, Hkv, D] -> cache slots slot_mapping [T] of kv_cache [2, num_blocks, block_size, Hkv, D]."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)  # [num_slots, Hkv, D]
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def attend_group(g: Group, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+    """Gather the group's queries and whole context blocks, one SDPA, scatter into out [T, Hq, D]."""
+    num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+    b, q_max = g.q_rows.shape
+    # index_select on dim 0 copies whole rows; it is about twice as fast as advanced indexing on CPU.
+    qg = q.index_select(0, g.q_rows.flatten()).view(b, q_max, -1, head_dim).transpose(1, 2)  # [B, Hq, Qmax, D]
+    blocks = g.block_ids.flatten()
+    kg = kv_cache[0].index_select(0, blocks).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, K, D]
+    vg = kv_cache[1].index_select(0, blocks).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
+    o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=True)
+    o = o.transpose(1, 2).reshape(-1, q.shape[1], head_dim)  # [B * Qmax, Hq, D]
+    out[g.out_rows] = o[g.valid]

@@ -81,11 +81,11 @@ class ParallelLMHead(VocabParallelEmbedding):
             self._tied = [tied_embedding]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, D] -> logits [N, V] float32."""
+        """hidden: [N, D] -> logits [N, V] in the model dtype (a view when the vocab is padded)."""
         weight = self._tied[0].weight if self._tied else self.weight
         logits = F.linear(hidden, weight)  # [N, V_pp]
         if self.tp_size > 1:
             shards = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(shards, logits)
             logits = torch.cat(shards, dim=-1)
-        return logits[:, : self.num_embeddings].float()
+        return logits[:, : self.num_embeddings]

@@ -1,10 +1,15 @@
-"""RMSNorm, numerically identical to Hugging Face's LlamaRMSNorm (statistics in float32)."""
+"""RMSNorm, numerically identical to Hugging Face's LlamaRMSNorm (statistics in float32).
+
+On a CPU the fused C++ kernel (ops/cpu_ops.rms_norm) runs it when it applies; `_norm` and the
+add below are the torch-native reference it is tested against."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 from torch import nn
+
+from kvserve.ops import cpu_ops
 
 
 class RMSNorm(nn.Module):
@@ -25,7 +30,12 @@ class RMSNorm(nn.Module):
         """x: [..., D], normalised over the last dim.
 
         Without residual: returns norm(x). With residual: adds it first (in the model dtype, as the
-        HF decoder layer does) and returns (norm(x + residual), x + residual), the new residual."""
+        HF decoder layer does) and returns (norm(x + residual), x + residual), the new residual.
+        The fused kernel writes the new residual into `residual` in place: callers pass a residual
+        stream they own and use only the returned one afterwards."""
+        fused = cpu_ops.rms_norm(x, self.weight, self.eps, residual)
+        if fused is not None:
+            return fused if residual is None else (fused, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

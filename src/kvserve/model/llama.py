@@ -136,6 +136,8 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] long (packed tokens of many requests) -> hidden states [T, hidden]."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden] (usually one row per request) -> logits [N, vocab] float32."""
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """hidden: [N, hidden] (usually one row per request) -> logits [N, vocab], float32 unless
+        upcast=False (model dtype: the greedy sampler takes argmax without the float32 copy)."""
+        logits = self.lm_head(hidden)
+        return logits.float() if upcast else logits

@@ -51,7 +51,7 @@ class ModelRunner:
         self.dtype = DTYPES[config.model.dtype]
         self.model = model if model is not None else load_model(config.model, self.device)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.backend = get_attention_backend(config.device)
+        self.backend = get_attention_backend(config.device, self.dtype)
         self.sampler = Sampler()
         self.input_batch = InputBatch(self.device)
         self.kv_caches: list[torch.Tensor] = []
@@ -110,7 +110,7 @@ class ModelRunner:
 
     def _sample(self, batch: StepBatch, starts: torch.Tensor, hidden: torch.Tensor) -> SamplerOutput:
         rows = (starts[1:][batch.sampling_rows] - 1).to(self.device)  # last row of each sampling request
-        logits = self.model.compute_logits(hidden[rows])  # [S, V] float32
+        logits = self.model.compute_logits(hidden[rows], upcast=False)  # [S, V] model dtype
         states = [self.input_batch.requests[batch.req_ids[b]] for b in batch.sampling_rows]
         meta = SamplingMetadata.build(
             [s.sampling_params for s in states],

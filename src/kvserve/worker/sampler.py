@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from kvserve.ops import cpu_ops
 from kvserve.worker.sampling_metadata import PenaltyInputs, SamplingMetadata, SparseLogitUpdate
 
 
@@ -30,7 +31,14 @@ class Sampler:
     """Picks one token per row of the logits and gathers the logprobs the batch asked for."""
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        """logits: [B, V] float32, row i sampled with the parameters of row i of meta."""
+        """logits: [B, V] (any float dtype; processed in float32), row i sampled with the parameters
+        of row i of meta."""
+        if meta.all_greedy and meta.max_num_logprobs is None and not _processed(meta):
+            # Plain greedy: argmax of the raw logits, in their dtype (upcasting is exact, so the
+            # answer is the same; the float32 copy of [B, V] would cost more than the argmax).
+            ids = cpu_ops.argmax_rows(logits)
+            return SamplerOutput(ids if ids is not None else logits.argmax(dim=-1), None, None, None)
+        logits = logits.float()
         raw_logprobs = None if meta.max_num_logprobs is None else torch.log_softmax(logits, dim=-1)  # [B, V]
         if meta.logit_bias is not None:
             logits = add_sparse(logits, meta.logit_bias)
@@ -43,6 +51,11 @@ class Sampler:
             return SamplerOutput(sampled, None, None, None)
         ids, lps, ranks = gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs)
         return SamplerOutput(sampled, ids, lps, ranks)
+
+
+def _processed(meta: SamplingMetadata) -> bool:
+    """Whether any row's logits are changed before sampling (bias, min_tokens, penalties)."""
+    return meta.logit_bias is not None or meta.min_tokens_mask is not None or meta.penalties is not None
 
 
 def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

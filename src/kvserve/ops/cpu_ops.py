@@ -1,0 +1,101 @@
+"""Python entry points of the CPU kernels (csrc/cpu_kernels.cpp), with the rules for when they apply.
+
+Each function returns None when its kernel does not apply (no library, not a CPU tensor, an
+unsupported dtype or layout); the caller then runs its torch-native reference. Tensors are
+passed by data pointer, so every argument is checked for dtype, device and contiguity here.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from kvserve.ops import cpu_build
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _code(*tensors: torch.Tensor) -> Optional[int]:
+    """dtype code if the library is loaded and all tensors are CPU tensors of one supported dtype."""
+    t0 = tensors[0]
+    if t0.device.type != "cpu" or t0.dtype not in _DTYPE_CODE or cpu_build.load() is None:
+        return None
+    if any(t.device.type != "cpu" or t.dtype != t0.dtype for t in tensors):
+        return None
+    return _DTYPE_CODE[t0.dtype]
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None
+) -> Optional[torch.Tensor]:
+    """x: [T, D] -> norm(x) * weight; with residual, residual += x (in place) and norm(residual) * weight."""
+    code = _code(x, weight) if residual is None else _code(x, weight, residual)
+    if code is None or x.dim() != 2 or not x.is_contiguous() or not weight.is_contiguous():
+        return None
+    if residual is not None and (residual.shape != x.shape or not residual.is_contiguous()):
+        return None
+    out = torch.empty_like(x)
+    res_ptr = residual.data_ptr() if residual is not None else None
+    cpu_build.load().kv_rms_norm(code, x.data_ptr(), res_ptr, out.data_ptr(), weight.data_ptr(), x.shape[0], x.shape[1], eps)
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """x: [T, 2I] = [gate | up] -> silu(gate) * up: [T, I]."""
+    code = _code(x)
+    if code is None or x.dim() != 2 or not x.is_contiguous():
+        return None
+    out = x.new_empty(x.shape[0], x.shape[1] // 2)
+    cpu_build.load().kv_silu_and_mul(code, x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1] // 2)
+    return out
+
+
+def rotary_(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, head_dim: int) -> bool:
+    """Rotate q [T, Hq * D] and k [T, Hkv * D] in place (rows may be strided views of one qkv tensor).
+    cos_sin: [T, D] float32. Returns False (nothing done) when the kernel does not apply."""
+    code = _code(q, k)
+    if code is None or cos_sin.dtype != torch.float32 or not cos_sin.is_contiguous():
+        return False
+    if q.stride(1) != 1 or k.stride(1) != 1 or q.shape[0] != cos_sin.shape[0]:
+        return False
+    cpu_build.load().kv_rotary(
+        code, q.data_ptr(), k.data_ptr(), cos_sin.data_ptr(), q.shape[0], q.shape[1] // head_dim,
+        k.shape[1] // head_dim, head_dim, q.stride(0), k.stride(0),
+    )  # fmt: skip
+    return True
+
+
+def argmax_rows(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """x: [N, V] (rows may be strided, e.g. a vocab slice) -> [N] int64, first index of each row's max."""
+    code = _code(x)
+    if code is None or x.dim() != 2 or x.stride(1) != 1:
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    cpu_build.load().kv_argmax_rows(code, x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0))
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    out: torch.Tensor,  # [T, Hq, D], rows of the listed requests are written
+    block_tables: torch.Tensor,  # [B, W] int64
+    seq_lens: torch.Tensor,  # [B] int64
+    query_start_loc: torch.Tensor,  # [B + 1] int64
+    reqs: torch.Tensor,  # [n] int64: which requests to compute
+    scale: float,
+) -> bool:
+    """Causal attention of the listed requests' query rows over their paged context, read in place."""
+    code = _code(q, kv_cache, out)
+    if code is None or not (q.is_contiguous() and kv_cache.is_contiguous() and out.is_contiguous()):
+        return False
+    index = (block_tables, seq_lens, query_start_loc, reqs)
+    if any(t.dtype != torch.int64 or not t.is_contiguous() or t.device.type != "cpu" for t in index):
+        return False
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    cpu_build.load().kv_paged_attention(
+        code, q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), out.data_ptr(),
+        block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), query_start_loc.data_ptr(),
+        reqs.data_ptr(), reqs.numel(), q.shape[1], num_kv_heads, head_dim, block_size, scale,
+    )  # fmt: skip
+    return True

@@ -1,0 +1,363 @@
+// kvserve CPU kernels: fused elementwise ops and in-place paged attention.
+//
+// A plain C ABI over raw pointers, called through ctypes (kvserve/ops/cpu_ops.py), so the file
+// builds in about a second with g++ alone, without torch headers. Each kernel has a torch-native
+// reference that the tests compare it with (layers/*.py, attention/torch_ref.py).
+//
+// dtype codes: 0 = float32, 1 = bfloat16. Math is float32; results are rounded to the storage
+// dtype at the same points as the torch reference (and Hugging Face), so bf16 outputs match it
+// up to float summation order. Threads: OpenMP, which resolves to the libgomp torch has loaded.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+typedef uint16_t bf16;
+
+inline float bf2f(bf16 x) {
+  uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline bf16 f2bf(float f) {  // round to nearest even, as torch does; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t nan = (u & 0x7fffffffu) > 0x7f800000u;
+  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<bf16>(nan ? ((u >> 16) | 0x40u) : rounded);
+}
+
+inline float ld(const float* p, int64_t i) { return p[i]; }
+inline float ld(const bf16* p, int64_t i) { return bf2f(p[i]); }
+inline void st(float* p, int64_t i, float v) { p[i] = v; }
+inline void st(bf16* p, int64_t i, float v) { p[i] = f2bf(v); }
+// Round a float32 value through the storage dtype T (identity for float32).
+template <typename T> inline float rnd(float v);
+template <> inline float rnd<float>(float v) { return v; }
+template <> inline float rnd<bf16>(float v) { return bf2f(f2bf(v)); }
+
+// exp for float32, Cephes-style (range reduction + degree-6 polynomial), ~1 ulp; vectorizes.
+// Overflows to inf like expf; below -87.3 returns 0 (expf gives denormals there).
+inline float exp_f32(float x0) {
+  float x = x0 < -87.33654f ? -87.33654f : (x0 > 88.37626f ? 88.37626f : x0);  // ternaries vectorize
+  float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * r * r + r + 1.0f;
+  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float v = y * __builtin_bit_cast(float, e);
+  return x0 > 88.7228f ? INFINITY : (x0 < -87.33654f ? 0.0f : v);
+}
+
+// ---- RMSNorm (with the residual add fused) -------------------------------------------------
+// residual != null: residual <- round(x + residual) (in place), out <- norm(residual) * w.
+// residual == null: out <- norm(x) * w. x, residual, out: [rows, D] contiguous; w: [D].
+template <typename T>
+void rms_norm(const T* x, T* residual, T* out, const T* w, int64_t rows, int64_t D, float eps) {
+#pragma omp parallel for schedule(static) if (rows * D > 32768)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * D;
+    T* res = residual ? residual + r * D : nullptr;
+    T* o = out + r * D;
+    float ss = 0.f;
+    if (res) {
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < D; ++i) {
+        float h = rnd<T>(ld(xr, i) + ld(res, i));
+        st(res, i, h);
+        ss += h * h;
+      }
+    } else {
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < D; ++i) {
+        float h = ld(xr, i);
+        ss += h * h;
+      }
+    }
+    const T* h = res ? res : xr;
+    float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) st(o, i, ld(w, i) * rnd<T>(ld(h, i) * inv));
+  }
+}
+
+// ---- SiLU(gate) * up ----------------------------------------------------------------------
+// exp over a float buffer in its own loop: the loop gcc vectorizes (fused into the bf16 loop it does not).
+inline void exp_inplace(float* __restrict e, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) e[i] = exp_f32(e[i]);
+}
+
+// x: [rows, 2 * I] laid out [gate | up]; out: [rows, I].
+template <typename T>
+void silu_and_mul(const T* x, T* out, int64_t rows, int64_t I) {
+  constexpr int64_t C = 256;
+#pragma omp parallel for schedule(static) if (rows * I > 32768)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* g = x + r * 2 * I;
+    const T* u = g + I;
+    T* o = out + r * I;
+    float e[C];
+    for (int64_t i0 = 0; i0 < I; i0 += C) {
+      const int64_t n = std::min(C, I - i0);
+      for (int64_t j = 0; j < n; ++j) e[j] = -ld(g, i0 + j);
+      exp_inplace(e, n);
+      for (int64_t j = 0; j < n; ++j) {
+        float s = rnd<T>(ld(g, i0 + j) / (1.0f + e[j]));
+        st(o, i0 + j, s * ld(u, i0 + j));
+      }
+    }
+  }
+}
+
+// ---- Rotary embedding (neox / rotate_half layout), in place ----------------------------------
+// q: rows of Hq heads of D at row stride q_stride; k likewise (Hk heads, k_stride);
+// cos_sin: [rows, D] float32, cos in the first half, sin in the second.
+template <typename T>
+void rotary(T* q, T* k, const float* cos_sin, int64_t rows, int64_t Hq, int64_t Hk, int64_t D,
+            int64_t q_stride, int64_t k_stride) {
+  const int64_t half = D / 2;
+#pragma omp parallel for schedule(static) if (rows * (Hq + Hk) * D > 32768)
+  for (int64_t t = 0; t < rows; ++t) {
+    const float* c = cos_sin + t * D;
+    const float* s = c + half;
+    for (int64_t h = 0; h < Hq + Hk; ++h) {
+      T* x = h < Hq ? q + t * q_stride + h * D : k + t * k_stride + (h - Hq) * D;
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {
+        float cc = rnd<T>(c[i]), ss = rnd<T>(s[i]);  // cast to the activation dtype first, as HF
+        float x1 = ld(x, i), x2 = ld(x, i + half);
+        float o1 = rnd<T>(rnd<T>(x1 * cc) - rnd<T>(x2 * ss));
+        float o2 = rnd<T>(rnd<T>(x2 * cc) + rnd<T>(x1 * ss));
+        st(x, i, o1);
+        st(x, i + half, o2);
+      }
+    }
+  }
+}
+
+// ---- Greedy sampling: argmax of each row ----------------------------------------------------
+// x: [rows, cols] at row stride `stride`; out[r] = first index of the row's maximum (torch.argmax).
+// NaN compares false and is skipped (torch would return it; logits never hold NaN unless broken).
+template <typename T>
+void argmax_rows(const T* x, int64_t* out, int64_t rows, int64_t cols, int64_t stride) {
+#pragma omp parallel for schedule(static) if (rows * cols > 65536)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = x + r * stride;
+    constexpr int64_t C = 1024;
+    float buf[C];
+    float best = -INFINITY;
+    int64_t best_i = 0;
+    for (int64_t c0 = 0; c0 < cols; c0 += C) {
+      const int64_t n = std::min(C, cols - c0);
+      float m = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) buf[j] = ld(row, c0 + j);
+      for (int64_t j = 0; j < n; ++j) m = buf[j] > m ? buf[j] : m;  // vectorized max of the chunk
+      if (m > best) {  // strictly greater: an earlier chunk keeps ties
+        for (int64_t j = 0; j < n; ++j)
+          if (buf[j] == m) {
+            best_i = c0 + j;
+            break;
+          }
+        best = m;
+      }
+    }
+    out[r] = best_i;
+  }
+}
+
+// ---- Paged attention, reading the KV cache in place ----------------------------------------
+// For each listed request b: its query rows qstart[b]..qstart[b+1] (positions seq_lens[b] - qlen ..
+// seq_lens[b] - 1) attend causally to its context, held in blocks block_tables[b, :] of the cache.
+// q, out: [T, Hq, D]; k_cache, v_cache: [num_blocks, bs, Hk, D]. Online softmax over blocks, so
+// nothing of size context is materialised. A work item is (request, query tile, kv heads h0..h1):
+// it converts each block's [bs, h0..h1, D] keys and values to float once, for every query row and
+// every head sharing them (GQA). (Software prefetch of the next block measured slower.)
+constexpr int64_t kTile = 8;  // query positions per work item
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t D) {
+#ifdef __AVX512F__
+  if (D % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  float s = 0.f;
+  for (int64_t d = 0; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// DC: head_dim as a compile-time constant (0: use D), so that the D-loops unroll into registers.
+template <typename T, int64_t DC>
+void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, const int64_t* block_tables,
+                     int64_t bt_stride, const int64_t* seq_lens, const int64_t* qstart, const int64_t* reqs,
+                     int64_t n_reqs, int64_t Hq, int64_t Hk, int64_t D_, int64_t bs, float scale) {
+  const int64_t D = DC ? DC : D_;
+  const int64_t G = Hq / Hk;
+  // Few requests (small batches): split heads across items so that both cores work.
+  const int64_t heads_per_item = n_reqs >= 8 ? Hk : 1;
+  std::vector<int64_t> item_req, item_tile;
+  for (int64_t i = 0; i < n_reqs; ++i) {
+    int64_t b = reqs[i], qlen = qstart[b + 1] - qstart[b];
+    for (int64_t t0 = 0; t0 < qlen; t0 += kTile) {
+      item_req.push_back(b);
+      item_tile.push_back(t0);
+    }
+  }
+  const int64_t head_groups = Hk / heads_per_item;
+  const int64_t n_items = static_cast<int64_t>(item_req.size()) * head_groups;
+  const int64_t row_elems = Hk * D;  // one slot of the cache
+
+#pragma omp parallel
+  {
+    const int64_t R = kTile * heads_per_item * G;  // rows of one item: (query i, q head)
+    std::vector<float> qf(R * D), acc(R * D), mx(R), l(R), kf(bs * row_elems), vf(bs * row_elems), sc(bs);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n_items; ++it) {
+      const int64_t b = item_req[it / head_groups], t0 = item_tile[it / head_groups];
+      const int64_t h0 = (it % head_groups) * heads_per_item, nh = heads_per_item;
+      const int64_t qlen = qstart[b + 1] - qstart[b], ctx = seq_lens[b];
+      const int64_t nq = std::min(kTile, qlen - t0), qh = nh * G, rows = nq * qh;
+      const int64_t p0 = ctx - qlen + t0;  // position of the tile's first query
+      const int64_t nkeys = p0 + nq;       // keys 0 .. last query's position
+      // Row r = (query r / qh, q head h0 * G + r % qh), which reads kv head h0 + (r % qh) / G.
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* src = q + ((qstart[b] + t0 + r / qh) * Hq + h0 * G + r % qh) * D;
+        float* qr = &qf[r * D];
+        for (int64_t d = 0; d < D; ++d) qr[d] = ld(src, d) * scale;
+        std::fill(acc.begin() + r * D, acc.begin() + (r + 1) * D, 0.f);
+        mx[r] = -INFINITY;
+        l[r] = 0.f;
+      }
+      const int64_t* table = block_tables + b * bt_stride;
+      const int64_t span = nh * D;  // contiguous elements of one slot this item reads
+      for (int64_t blk = 0; blk * bs < nkeys; ++blk) {
+        const int64_t n = std::min(bs, nkeys - blk * bs);
+        const int64_t base = table[blk] * bs * row_elems + h0 * D;
+        for (int64_t j = 0; j < n; ++j) {  // kf, vf: [n, nh, D] float
+          const T* kr = k_cache + base + j * row_elems;
+          const T* vr = v_cache + base + j * row_elems;
+          float* kd = &kf[j * span];
+          float* vd = &vf[j * span];
+          for (int64_t e = 0; e < span; ++e) kd[e] = ld(kr, e);
+          for (int64_t e = 0; e < span; ++e) vd[e] = ld(vr, e);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t visible = std::min(n, p0 + r / qh - blk * bs + 1);  // causal: keys <= position
+          if (visible <= 0) continue;
+          const int64_t kv = ((r % qh) / G) * D;  // this row's head inside a slot of kf / vf
+          float* s = sc.data();
+          const float* qr = &qf[r * D];
+          float bmax = -INFINITY;
+          for (int64_t j = 0; j < visible; ++j) {
+            s[j] = dot(qr, &kf[j * span + kv], D);
+            bmax = s[j] > bmax ? s[j] : bmax;
+          }
+          const float m_new = mx[r] > bmax ? mx[r] : bmax;
+          const float corr = exp_f32(mx[r] - m_new);  // 0 on the first block (mx = -inf, clamped)
+          for (int64_t j = 0; j < visible; ++j) s[j] -= m_new;
+          exp_inplace(s, visible);
+          float psum = 0.f;
+          for (int64_t j = 0; j < visible; ++j) psum += s[j];
+          mx[r] = m_new;
+          l[r] = l[r] * corr + psum;
+          float* __restrict a = &acc[r * D];
+          for (int64_t d = 0; d < D; ++d) a[d] *= corr;
+          for (int64_t j = 0; j < visible; ++j) {
+            const float p = s[j];
+            const float* __restrict vj = &vf[j * span + kv];
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) a[d] += p * vj[d];
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        T* dst = out + ((qstart[b] + t0 + r / qh) * Hq + h0 * G + r % qh) * D;
+        const float inv = 1.0f / l[r];
+        for (int64_t d = 0; d < D; ++d) st(dst, d, acc[r * D + d] * inv);
+      }
+    }
+  }
+}
+
+template <typename T>
+void paged_attention_d(const void* q, const void* k_cache, const void* v_cache, void* out, const int64_t* block_tables,
+                       int64_t bt_stride, const int64_t* seq_lens, const int64_t* qstart, const int64_t* reqs,
+                       int64_t n_reqs, int64_t Hq, int64_t Hk, int64_t D, int64_t bs, float scale) {
+  auto run = [&](auto dc) {
+    paged_attention<T, decltype(dc)::value>(static_cast<const T*>(q), static_cast<const T*>(k_cache),
+                                           static_cast<const T*>(v_cache), static_cast<T*>(out), block_tables,
+                                           bt_stride, seq_lens, qstart, reqs, n_reqs, Hq, Hk, D, bs, scale);
+  };
+  if (D == 64)
+    run(std::integral_constant<int64_t, 64>());
+  else if (D == 128)
+    run(std::integral_constant<int64_t, 128>());
+  else
+    run(std::integral_constant<int64_t, 0>());
+}
+
+}  // namespace
+
+extern "C" {
+
+void kv_rms_norm(int dtype, const void* x, void* residual, void* out, const void* w, int64_t rows, int64_t D,
+                 float eps) {
+  if (dtype == 1)
+    rms_norm(static_cast<const bf16*>(x), static_cast<bf16*>(residual), static_cast<bf16*>(out),
+             static_cast<const bf16*>(w), rows, D, eps);
+  else
+    rms_norm(static_cast<const float*>(x), static_cast<float*>(residual), static_cast<float*>(out),
+             static_cast<const float*>(w), rows, D, eps);
+}
+
+void kv_silu_and_mul(int dtype, const void* x, void* out, int64_t rows, int64_t I) {
+  if (dtype == 1)
+    silu_and_mul(static_cast<const bf16*>(x), static_cast<bf16*>(out), rows, I);
+  else
+    silu_and_mul(static_cast<const float*>(x), static_cast<float*>(out), rows, I);
+}
+
+void kv_rotary(int dtype, void* q, void* k, const float* cos_sin, int64_t rows, int64_t Hq, int64_t Hk,
+               int64_t D, int64_t q_stride, int64_t k_stride) {
+  if (dtype == 1)
+    rotary(static_cast<bf16*>(q), static_cast<bf16*>(k), cos_sin, rows, Hq, Hk, D, q_stride, k_stride);
+  else
+    rotary(static_cast<float*>(q), static_cast<float*>(k), cos_sin, rows, Hq, Hk, D, q_stride, k_stride);
+}
+
+void kv_argmax_rows(int dtype, const void* x, int64_t* out, int64_t rows, int64_t cols, int64_t stride) {
+  if (dtype == 1)
+    argmax_rows(static_cast<const bf16*>(x), out, rows, cols, stride);
+  else
+    argmax_rows(static_cast<const float*>(x), out, rows, cols, stride);
+}
+
+void kv_paged_attention(int dtype, const void* q, const void* k_cache, const void* v_cache, void* out,
+                        const int64_t* block_tables, int64_t bt_stride, const int64_t* seq_lens,
+                        const int64_t* qstart, const int64_t* reqs, int64_t n_reqs, int64_t Hq, int64_t Hk,
+                        int64_t D, int64_t bs, float scale) {
+  if (dtype == 1)
+    paged_attention_d<bf16>(q, k_cache, v_cache, out, block_tables, bt_stride, seq_lens, qstart, reqs, n_reqs, Hq,
+                            Hk, D, bs, scale);
+  else
+    paged_attention_d<float>(q, k_cache, v_cache, out, block_tables, bt_stride, seq_lens, qstart, reqs, n_reqs, Hq,
+                             Hk, D, bs, scale);
+}
+
+}  // extern "C"

@@ -1,0 +1,86 @@
+"""The CPU kernels (ops/csrc/cpu_kernels.cpp) against their torch-native references.
+
+bfloat16 results must be bit-identical where the kernel rounds at the same points as the
+reference (rotary, SiLU-and-mul); RMSNorm sums squares in another order, so it may differ by one
+bf16 ulp in rare elements."""
+import pytest
+import torch
+
+from kvserve.layers.activation import SiluAndMul
+from kvserve.layers.norm import RMSNorm
+from kvserve.layers.rotary import RotaryEmbedding
+from kvserve.ops import cpu_build, cpu_ops
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def test_library_builds_and_loads():
+    assert cpu_build.load() is not None, "g++ must be installed: the Makefile's tests need the CPU kernels"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(dtype, with_residual):
+    torch.manual_seed(0)
+    x, res = torch.randn(37, 576).to(dtype), torch.randn(37, 576).to(dtype)
+    norm = RMSNorm(576, 1e-5, dtype=dtype)
+    norm.weight.data.normal_()
+    if with_residual:
+        expected, expected_res = norm._norm(x + res), x + res
+        fused_res = res.clone()
+        out = cpu_ops.rms_norm(x, norm.weight, 1e-5, fused_res)
+        assert torch.equal(fused_res, expected_res)  # the add rounds exactly as torch's
+    else:
+        expected, out = norm._norm(x), cpu_ops.rms_norm(x, norm.weight, 1e-5)
+    ulp = 2**-7 if dtype == torch.bfloat16 else 1e-6  # float32: summation order, a few ulp
+    torch.testing.assert_close(out, expected, atol=0, rtol=ulp)
+    if dtype == torch.bfloat16:
+        assert (out != expected).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_reference(dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(19, 2 * 1536) * 4).to(dtype)
+    x[0, :8] = torch.tensor([0.0, -0.0, 100.0, -100.0, 88.0, -88.0, 1e-30, -1e-30]).to(dtype)
+    gate, up = x.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    out = cpu_ops.silu_and_mul(x)
+    if dtype == torch.bfloat16:
+        assert torch.equal(out, expected)
+    else:
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=2e-6)
+    assert torch.equal(SiluAndMul()(x), out)  # the layer takes the kernel
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_in_place_on_strided_qkv_matches_reference(dtype):
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(64, 4096, 10000.0)
+    rope.init_cache()
+    qkv = torch.randn(23, (9 + 2 * 3) * 64).to(dtype)
+    cos_sin = rope.cos_sin(torch.randint(0, 4096, (23,)))
+    q, k, _ = qkv.split([9 * 64, 3 * 64, 3 * 64], dim=-1)
+    cos, sin = cos_sin.chunk(2, dim=-1)
+    expected_q, expected_k = rope._rotate(q, cos, sin), rope._rotate(k, cos, sin)
+    v_before = qkv[:, 12 * 64 :].clone()
+    assert cpu_ops.rotary_(q, k, cos_sin, 64)
+    if dtype == torch.bfloat16:
+        assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
+    else:
+        torch.testing.assert_close(q, expected_q, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(k, expected_k, atol=1e-6, rtol=1e-6)
+    assert torch.equal(qkv[:, 12 * 64 :], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_argmax_rows_matches_torch_including_ties_and_strided_rows(dtype):
+    torch.manual_seed(0)
+    padded = torch.randn(7, 5000).to(dtype)
+    padded[0, 10] = padded[0, 3000] = padded[0, 4999] = 50.0  # ties across chunks: first wins
+    padded[1, :] = -3.0  # all equal
+    padded[2, 4998] = 1e4  # max in the last chunk
+    logits = padded[:, :4999]  # a vocab slice: strided rows
+    out = cpu_ops.argmax_rows(logits)
+    assert out.tolist() == logits.argmax(dim=-1).tolist()
+    assert out[0] == 10 and out[1] == 0 and out[2] == 4998
