@@ -22,6 +22,7 @@ from tqdm import tqdm
 from kvserve.config import ModelConfig
 from kvserve.layers.rotary import RotaryEmbedding
 from kvserve.model.gguf_loader import iter_gguf_weights
+from kvserve.layers.linear import LinearMethod
 from kvserve.model.registry import get_model_class
 
 
@@ -39,6 +40,8 @@ def load_model(config: ModelConfig, device: str | torch.device = "cpu") -> nn.Mo
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.init_cache()  # allocated uninitialised, like the weights
+        if isinstance(getattr(module, "linear_method", None), LinearMethod):
+            module.linear_method.process_weights_after_loading(module)
     return model.eval()
 
 

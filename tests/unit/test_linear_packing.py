@@ -1,0 +1,44 @@
+"""bf16 linear weights repacked for oneDNN after loading: F.linear's results, to bf16 rounding.
+
+Both accumulate in float32; oneDNN picks its blocking by shape, so rows of larger batches may
+round the other way in the last bf16 bit (small batches, the decode case, match exactly)."""
+import pytest
+import torch
+
+from kvserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: QKVParallelLinear(576, 64, 9, 3, bias=True, dtype=torch.bfloat16),
+        lambda: MergedColumnParallelLinear(576, [1536, 1536], bias=False, dtype=torch.bfloat16),
+        lambda: RowParallelLinear(1536, 576, bias=False, dtype=torch.bfloat16),
+    ],
+)
+def test_packed_bf16_weights_match_f_linear(make):
+    torch.manual_seed(0)
+    layer = make()
+    layer.weight.data.normal_()
+    if layer.bias is not None:
+        layer.bias.data.normal_()
+    inputs = [torch.randn(m, layer.weight.shape[1]).bfloat16() for m in (1, 7, 300)]
+    inputs.append(torch.randn(2, 5, layer.weight.shape[1]).bfloat16())
+    expected = [torch.nn.functional.linear(x, layer.weight, layer.bias) for x in inputs]
+    layer.linear_method.process_weights_after_loading(layer)
+    assert layer.weight.is_mkldnn  # repacked on this CPU (AVX-512 bf16); the reference path otherwise
+    for x, e in zip(inputs, expected):
+        out = layer(x)
+        assert out.shape == e.shape
+        if x.numel() // x.shape[-1] <= 10:
+            assert torch.equal(out, e)
+        else:  # one bf16 ulp (at most 2^-7 relative), and rarely
+            torch.testing.assert_close(out.float(), e.float(), rtol=2**-7, atol=1e-2)
+            assert (out != e).float().mean() < 0.05
+
+
+def test_float32_weights_are_left_alone():
+    layer = RowParallelLinear(64, 32, bias=False, dtype=torch.float32)
+    layer.weight.data.normal_()
+    layer.linear_method.process_weights_after_loading(layer)
+    assert not layer.weight.is_mkldnn
