@@ -3,19 +3,27 @@ model's tokenizer (so text round-trips), saved as an HF folder; nothing is downl
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> str:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def build_tiny_llama(folder: Path) -> str:
+    """Write the tiny model (config, seeded weights, the default model's tokenizer) into folder.
+    Also used by benchmarks/gpu_check.py, which runs it on a GPU."""
     import safetensors.torch
     import torch
 
     from kvserve.engine.tokenizer import load_tokenizer
     from kvserve.model.config_loader import default_model_path
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(default_model_path())
     vocab, hidden, inter, layers, heads, kv_heads = len(tok), 64, 128, 2, 4, 2
     head_dim = hidden // heads
