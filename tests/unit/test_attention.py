@@ -122,3 +122,40 @@ def test_cpu_paged_kernel_reads_context_in_place(dtype, tol):
         torch.tensor([2]), d**-0.5,
     )  # fmt: skip
     assert out2[:2].abs().sum() == 0 and out2[7:].abs().sum() == 0 and out2[2:7].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cpu_backend_cascade_over_shared_prefix_matches_reference(dtype, tol):
+    """Ten requests whose tables start with the same three blocks (prefix caching), some decoding,
+    some prefilling a chunk after the prefix, one fresh prompt: the cascade (shared blocks once for
+    all rows, then each request's own blocks) equals the torch reference."""
+    torch.manual_seed(2)
+    hq, hkv, d, bs, num_blocks = 6, 2, 64, 16, 80
+    cache = torch.randn(2, num_blocks, bs, hkv, d).to(dtype)
+    prefix = [41, 7, 63]  # 48 shared tokens
+    free = [b for b in range(num_blocks) if b not in prefix]
+    q_lens = [1, 1, 1, 1, 1, 1, 5, 16, 9, 1, 20]
+    seq_lens = [49, 50, 64, 65, 80, 97, 53, 70, 60, 49, 20]  # the last one is a fresh prompt
+    tables = []
+    for n_ctx, n_q in zip(seq_lens, q_lens):
+        own = -(-n_ctx // bs) - len(prefix)
+        tables.append(prefix + [free.pop() for _ in range(own)] if n_ctx > n_q else [free.pop() for _ in range(-(-n_ctx // bs))])
+    meta = build_attention_metadata(q_lens, seq_lens, tables, bs)
+    t = sum(q_lens)
+    q, k, v = (torch.randn(t, h, d).to(dtype) for h in (hq, hkv, hkv))
+    ref_cache = cache.clone()
+    expected = TorchAttentionBackend().forward(q, k, v, ref_cache, meta, d**-0.5)
+
+    backend = CpuAttentionBackend(min_cascade_tokens=32, min_cascade_requests=4)
+    meta2 = build_attention_metadata(q_lens, seq_lens, tables, bs)
+    backend.prepare(meta2)
+    assert meta2.backend_state.cascade is not None
+    assert meta2.backend_state.cascade.prefix_blocks.tolist() == prefix
+    out = backend.forward(q, k, v, cache, meta2, d**-0.5)
+    assert torch.equal(cache, ref_cache)  # both wrote the step's k/v to the same slots
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+
+    # Without enough sharers, no cascade: same answer through the per-request path.
+    meta3 = build_attention_metadata(q_lens, seq_lens, tables, bs)
+    CpuAttentionBackend(min_cascade_tokens=32, min_cascade_requests=100).prepare(meta3)
+    assert meta3.backend_state.cascade is None

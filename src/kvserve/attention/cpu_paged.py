@@ -7,6 +7,11 @@ Per step the batch splits three ways:
   this step's packed q/k/v, one call per request, the cache is only written;
 - prefill chunks after cached context (prefix-cache hits, later chunks): the torch reference's
   gather + SDPA, whose GEMMs are faster than the kernel's loops on long query runs.
+Cascade for shared prefixes: when enough requests of the step that read cached context share
+their leading blocks (prefix caching hands them the same block ids), attention over those shared
+blocks runs once for all their query rows as one dense SDPA (GEMMs, which also returns each row's
+log-sum-exp), and the kernel continues each row from that state over its own blocks. The shared
+keys are then read once per step instead of once per request.
 Chosen by get_attention_backend only where the kernel applies (CPU, float32/bfloat16, library built).
 """
 from __future__ import annotations
@@ -24,15 +29,27 @@ from kvserve.ops import cpu_ops
 
 
 @dataclass
+class _Cascade:
+    reqs: torch.Tensor  # [n] int64: requests whose attention starts with the shared blocks
+    rows: torch.Tensor  # [R] int64: their packed query rows
+    prefix_blocks: torch.Tensor  # [P] int64: the shared leading blocks, visible to every row in full
+
+
+@dataclass
 class _CpuPlan:
     decode_reqs: torch.Tensor  # [n] int64, requests with one query row
     fresh: list[tuple[int, int]]  # (first row, rows) of prefill chunks that start at position 0
     context: Optional[Group]  # torch-reference group of prefill chunks after cached context
     seq_lens: torch.Tensor  # [B] int64 on the host
+    cascade: Optional[_Cascade]  # when set, it covers the decode and context requests above
 
 
 class CpuAttentionBackend(AttentionBackend):
     name = "cpu"
+
+    def __init__(self, min_cascade_tokens: int = 256, min_cascade_requests: int = 4) -> None:
+        # Below these sizes the per-request kernel reads the shared blocks cheaply enough.
+        self.min_cascade_tokens, self.min_cascade_requests = min_cascade_tokens, min_cascade_requests
 
     def prepare(self, meta: AttentionMetadata) -> None:
         decode, fresh, context = [], [], []
@@ -44,11 +61,33 @@ class CpuAttentionBackend(AttentionBackend):
                 fresh.append((starts[b], n))
             else:
                 context.append(b)
+        cascade = self._plan_cascade(meta, decode + context, starts)
         meta.backend_state = _CpuPlan(
             decode_reqs=torch.tensor(decode, dtype=torch.long),
             fresh=fresh,
-            context=build_group(meta, context) if context else None,
+            context=build_group(meta, context) if context and cascade is None else None,
             seq_lens=torch.tensor(meta.seq_lens_host, dtype=torch.long),
+            cascade=cascade,
+        )
+
+    def _plan_cascade(self, meta: AttentionMetadata, reqs: list[int], starts: list[int]) -> Optional[_Cascade]:
+        """The longest run of leading blocks all `reqs` share and every one of their rows sees whole."""
+        if len(reqs) < self.min_cascade_requests:
+            return None
+        bs = meta.block_size
+        first_pos = min(meta.seq_lens_host[b] - meta.query_lens[b] for b in reqs)  # earliest query position
+        limit = min(first_pos // bs, meta.block_tables_host.shape[1])
+        if limit * bs < self.min_cascade_tokens:
+            return None
+        tables = meta.block_tables_host[reqs, :limit]  # [n, limit]
+        shared = int((tables == tables[:1]).all(dim=0).cumprod(dim=0).sum())
+        if shared * bs < self.min_cascade_tokens:
+            return None
+        rows = [r for b in sorted(reqs) for r in range(starts[b], starts[b + 1])]
+        return _Cascade(
+            reqs=torch.tensor(sorted(reqs), dtype=torch.long),
+            rows=torch.tensor(rows, dtype=torch.long),
+            prefix_blocks=tables[0, :shared].clone(),
         )
 
     def forward(self, q, k, v, kv_cache, meta, scale):
@@ -58,13 +97,12 @@ class CpuAttentionBackend(AttentionBackend):
         write_kv_cache(k, v, kv_cache, meta.slot_mapping)
         q = q.contiguous()
         out = torch.empty_like(q)
-        if plan.decode_reqs.numel():
-            applied = cpu_ops.paged_attention(
-                q, kv_cache, out, meta.block_tables_host, plan.seq_lens, meta.query_start_loc_host,
-                plan.decode_reqs, scale,
-            )  # fmt: skip
-            if not applied:
-                raise RuntimeError("the CPU attention kernel does not apply to these tensors; use the torch backend")
+        if plan.cascade is not None:
+            init_out, init_lse = _shared_prefix_attention(q, kv_cache, plan.cascade, scale)
+            self._kernel(q, kv_cache, out, meta, plan, plan.cascade.reqs, scale,
+                         len(plan.cascade.prefix_blocks), init_out, init_lse)  # fmt: skip
+        elif plan.decode_reqs.numel():
+            self._kernel(q, kv_cache, out, meta, plan, plan.decode_reqs, scale)
         for start, n in plan.fresh:
             rows = slice(start, start + n)
             # 4-D inputs: with 3-D ones SDPA takes its slow math path (10x slower, measured).
@@ -76,3 +114,38 @@ class CpuAttentionBackend(AttentionBackend):
         if plan.context is not None:
             attend_group(plan.context, q, kv_cache, out, scale)
         return out
+
+    @staticmethod
+    def _kernel(q, kv_cache, out, meta, plan, reqs, scale, skip_blocks=0, init_out=None, init_lse=None) -> None:
+        applied = cpu_ops.paged_attention(
+            q, kv_cache, out, meta.block_tables_host, plan.seq_lens, meta.query_start_loc_host, reqs, scale,
+            skip_blocks, init_out, init_lse,
+        )  # fmt: skip
+        if not applied:
+            raise RuntimeError("the CPU attention kernel does not apply to these tensors; use the torch backend")
+
+
+def _shared_prefix_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, c: _Cascade, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the cascade's rows over the shared blocks only, as the kernel's initial state:
+    (out [T, Hq, D] in q.dtype, lse [T, Hq] float32); only the cascade's rows are filled.
+    GQA: each kv head's G query heads of all R rows become one query sequence of R * G rows."""
+    num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+    num_heads = q.shape[1]
+    g = num_heads // num_kv_heads
+
+    def prefix(cache: torch.Tensor) -> torch.Tensor:  # [num_blocks, bs, Hkv, D] -> [1, Hkv, P, D]
+        return cache.index_select(0, c.prefix_blocks).view(-1, num_kv_heads, head_dim).transpose(0, 1)[None].contiguous()
+
+    rows = q.index_select(0, c.rows)  # [R, Hq, D]
+    r = rows.shape[0]
+    qh = rows.view(r, num_kv_heads, g, head_dim).permute(1, 0, 2, 3).reshape(1, num_kv_heads, r * g, head_dim)
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qh, prefix(kv_cache[0]), prefix(kv_cache[1]), 0.0, False, scale=scale
+    )  # o: [1, Hkv, R * G, D], lse: [1, Hkv, R * G] float32
+    init_out = torch.empty_like(q)
+    init_out[c.rows] = o.view(num_kv_heads, r, g, head_dim).permute(1, 0, 2, 3).reshape(r, num_heads, head_dim)
+    init_lse = torch.empty(q.shape[:2], dtype=torch.float32)
+    init_lse[c.rows] = lse.view(num_kv_heads, r, g).permute(1, 0, 2).reshape(r, num_heads).float()
+    return init_out, init_lse

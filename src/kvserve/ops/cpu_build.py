@@ -97,7 +97,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.kv_rms_norm.argtypes = [c_int, ptr, ptr, ptr, ptr, i64, i64, f32]
     lib.kv_silu_and_mul.argtypes = [c_int, ptr, ptr, i64, i64]
     lib.kv_rotary.argtypes = [c_int, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64]
-    lib.kv_paged_attention.argtypes = [c_int, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32]
+    lib.kv_paged_attention.argtypes = [
+        c_int, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, i64, ptr, ptr
+    ]
     lib.kv_argmax_rows.argtypes = [c_int, ptr, ptr, i64, i64, i64]
     for f in (lib.kv_argmax_rows, lib.kv_rms_norm, lib.kv_silu_and_mul, lib.kv_rotary, lib.kv_paged_attention):
         f.restype = None

@@ -84,18 +84,31 @@ def paged_attention(
     query_start_loc: torch.Tensor,  # [B + 1] int64
     reqs: torch.Tensor,  # [n] int64: which requests to compute
     scale: float,
+    skip_blocks: int = 0,
+    init_out: Optional[torch.Tensor] = None,  # [T, Hq, D] q.dtype: attention over blocks < skip_blocks
+    init_lse: Optional[torch.Tensor] = None,  # [T, Hq] float32: its log-sum-exp of scaled scores
 ) -> bool:
-    """Causal attention of the listed requests' query rows over their paged context, read in place."""
+    """Causal attention of the listed requests' query rows over their paged context, read in place.
+    With skip_blocks > 0 (cascade), each row continues from (init_out, init_lse) instead of reading
+    the first skip_blocks blocks of its table."""
     code = _code(q, kv_cache, out)
     if code is None or not (q.is_contiguous() and kv_cache.is_contiguous() and out.is_contiguous()):
         return False
     index = (block_tables, seq_lens, query_start_loc, reqs)
     if any(t.dtype != torch.int64 or not t.is_contiguous() or t.device.type != "cpu" for t in index):
         return False
+    if skip_blocks:
+        if init_out is None or init_lse is None or init_out.shape != q.shape or init_out.dtype != q.dtype:
+            return False
+        if init_lse.dtype != torch.float32 or init_lse.shape != q.shape[:2]:
+            return False
+        if not (init_out.is_contiguous() and init_lse.is_contiguous()):
+            return False
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     cpu_build.load().kv_paged_attention(
         code, q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), out.data_ptr(),
         block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), query_start_loc.data_ptr(),
-        reqs.data_ptr(), reqs.numel(), q.shape[1], num_kv_heads, head_dim, block_size, scale,
+        reqs.data_ptr(), reqs.numel(), q.shape[1], num_kv_heads, head_dim, block_size, scale, skip_blocks,
+        init_out.data_ptr() if skip_blocks else None, init_lse.data_ptr() if skip_blocks else None,
     )  # fmt: skip
     return True

@@ -187,6 +187,9 @@ void argmax_rows(const T* x, int64_t* out, int64_t rows, int64_t cols, int64_t s
 // nothing of size context is materialised. A work item is (request, query tile, kv heads h0..h1):
 // it converts each block's [bs, h0..h1, D] keys and values to float once, for every query row and
 // every head sharing them (GQA). (Software prefetch of the next block measured slower.)
+// Cascade: with skip_blocks > 0 the blocks before it are not read; each row instead starts from
+// init_out (its attention output over those blocks, [T, Hq, D]) and init_lse ([T, Hq], the
+// natural-log sum of exp of its scaled scores there), i.e. the online-softmax state (lse, 1, out).
 constexpr int64_t kTile = 8;  // query positions per work item
 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t D) {
@@ -202,11 +205,108 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t D
   return s;
 }
 
+#ifdef __AVX512F__
+// hsum16(v)[j] = sum of the 16 lanes of v[j]: a transpose-and-add tree, 15 shuffle+add pairs for
+// 16 sums instead of 16 separate horizontal reductions.
+inline __m512 hsum16(const __m512* v) {
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // lane L of u[i]: lane-L sums of v[4i .. 4i+3]
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+  for (int i = 0; i < 2; ++i)
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+}
+#endif
+
+// Scores of one query row against keys 0..visible-1 of a block, unnormalised: s[j] = q . k_j.
+// Generic: qf (float, pre-scaled) against kf (float copy of the block). AVX-512 with a
+// compile-time D: 16 keys at a time summed by hsum16; on bf16 with AVX512_BF16 the keys are read
+// straight from the cache and multiplied by the raw bf16 query (vdpbf16ps, float accumulation),
+// then scaled.
+template <typename T, int64_t DC>
+inline void block_scores(const T* q_raw, const float* qf, const T* k_direct, int64_t slot_stride,
+                         const float* kf, int64_t kf_stride, int64_t visible, int64_t D, float scale, float* s) {
+#ifdef __AVX512F__
+  if constexpr (DC > 0 && DC % 32 == 0) {
+    __m512 parts[16];
+    for (int64_t c0 = 0; c0 < visible; c0 += 16) {
+      const int64_t nk = std::min<int64_t>(16, visible - c0);
+      for (int64_t jj = 0; jj < 16; ++jj) {
+        __m512 acc = _mm512_setzero_ps();
+        if (jj < nk) {
+#ifdef __AVX512BF16__
+          if constexpr (std::is_same_v<T, bf16>) {
+            const T* kr = k_direct + (c0 + jj) * slot_stride;
+            for (int64_t d = 0; d < DC; d += 32)
+              acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q_raw + d), (__m512bh)_mm512_loadu_si512(kr + d));
+          } else
+#endif
+          {
+            const float* kr = kf + (c0 + jj) * kf_stride;
+            for (int64_t d = 0; d < DC; d += 16)
+              acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + d), _mm512_loadu_ps(kr + d), acc);
+          }
+        }
+        parts[jj] = acc;
+      }
+      __m512 sv = hsum16(parts);
+#ifdef __AVX512BF16__
+      if constexpr (std::is_same_v<T, bf16>) sv = _mm512_mul_ps(sv, _mm512_set1_ps(scale));
+#endif
+      _mm512_mask_storeu_ps(s + c0, static_cast<__mmask16>((1u << nk) - 1u), sv);
+    }
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < visible; ++j) s[j] = dot(qf, kf + j * kf_stride, D);
+}
+
+// Whether block_scores reads keys straight from the cache (then kf is not filled).
+template <typename T, int64_t DC>
+constexpr bool kDirectKeys() {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  return std::is_same_v<T, bf16> && DC > 0 && DC % 32 == 0;
+#else
+  return false;
+#endif
+}
+
+// a[0..D) = a * corr + sum_j p[j] * v_j, v_j = vf + j * v_stride.
+template <int64_t DC>
+inline void accumulate_pv(float* a, float corr, const float* p, const float* vf, int64_t v_stride, int64_t visible,
+                          int64_t D) {
+#ifdef __AVX512F__
+  if constexpr (DC > 0 && DC % 16 == 0) {
+    __m512 av[DC / 16];
+    const __m512 c = _mm512_set1_ps(corr);
+    for (int64_t i = 0; i < DC / 16; ++i) av[i] = _mm512_mul_ps(_mm512_loadu_ps(a + 16 * i), c);
+    for (int64_t j = 0; j < visible; ++j) {
+      const __m512 pj = _mm512_set1_ps(p[j]);
+      const float* vj = vf + j * v_stride;
+      for (int64_t i = 0; i < DC / 16; ++i) av[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vj + 16 * i), av[i]);
+    }
+    for (int64_t i = 0; i < DC / 16; ++i) _mm512_storeu_ps(a + 16 * i, av[i]);
+    return;
+  }
+#endif
+  for (int64_t d = 0; d < D; ++d) a[d] *= corr;
+  for (int64_t j = 0; j < visible; ++j) {
+    const float pj = p[j];
+    const float* __restrict vj = vf + j * v_stride;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) a[d] += pj * vj[d];
+  }
+}
+
 // DC: head_dim as a compile-time constant (0: use D), so that the D-loops unroll into registers.
 template <typename T, int64_t DC>
 void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, const int64_t* block_tables,
                      int64_t bt_stride, const int64_t* seq_lens, const int64_t* qstart, const int64_t* reqs,
-                     int64_t n_reqs, int64_t Hq, int64_t Hk, int64_t D_, int64_t bs, float scale) {
+                     int64_t n_reqs, int64_t Hq, int64_t Hk, int64_t D_, int64_t bs, float scale,
+                     int64_t skip_blocks, const T* init_out, const float* init_lse) {
   const int64_t D = DC ? DC : D_;
   const int64_t G = Hq / Hk;
   // Few requests (small batches): split heads across items so that both cores work.
@@ -240,13 +340,20 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
         const T* src = q + ((qstart[b] + t0 + r / qh) * Hq + h0 * G + r % qh) * D;
         float* qr = &qf[r * D];
         for (int64_t d = 0; d < D; ++d) qr[d] = ld(src, d) * scale;
-        std::fill(acc.begin() + r * D, acc.begin() + (r + 1) * D, 0.f);
-        mx[r] = -INFINITY;
-        l[r] = 0.f;
+        const int64_t row = (qstart[b] + t0 + r / qh) * Hq + h0 * G + r % qh;  // [T, Hq] index
+        if (init_out) {  // continue from attention over blocks < skip_blocks: state (lse, 1, out)
+          for (int64_t d = 0; d < D; ++d) acc[r * D + d] = ld(init_out + row * D, d);
+          mx[r] = init_lse[row];
+          l[r] = 1.f;
+        } else {
+          std::fill(acc.begin() + r * D, acc.begin() + (r + 1) * D, 0.f);
+          mx[r] = -INFINITY;
+          l[r] = 0.f;
+        }
       }
       const int64_t* table = block_tables + b * bt_stride;
       const int64_t span = nh * D;  // contiguous elements of one slot this item reads
-      for (int64_t blk = 0; blk * bs < nkeys; ++blk) {
+      for (int64_t blk = skip_blocks; blk * bs < nkeys; ++blk) {
         const int64_t n = std::min(bs, nkeys - blk * bs);
         const int64_t base = table[blk] * bs * row_elems + h0 * D;
         for (int64_t j = 0; j < n; ++j) {  // kf, vf: [n, nh, D] float
@@ -254,7 +361,8 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
           const T* vr = v_cache + base + j * row_elems;
           float* kd = &kf[j * span];
           float* vd = &vf[j * span];
-          for (int64_t e = 0; e < span; ++e) kd[e] = ld(kr, e);
+          if constexpr (!kDirectKeys<T, DC>())
+            for (int64_t e = 0; e < span; ++e) kd[e] = ld(kr, e);
           for (int64_t e = 0; e < span; ++e) vd[e] = ld(vr, e);
         }
         for (int64_t r = 0; r < rows; ++r) {
@@ -262,12 +370,10 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
           if (visible <= 0) continue;
           const int64_t kv = ((r % qh) / G) * D;  // this row's head inside a slot of kf / vf
           float* s = sc.data();
-          const float* qr = &qf[r * D];
+          const T* q_raw = q + ((qstart[b] + t0 + r / qh) * Hq + h0 * G + r % qh) * D;
+          block_scores<T, DC>(q_raw, &qf[r * D], k_cache + base + kv, row_elems, &kf[kv], span, visible, D, scale, s);
           float bmax = -INFINITY;
-          for (int64_t j = 0; j < visible; ++j) {
-            s[j] = dot(qr, &kf[j * span + kv], D);
-            bmax = s[j] > bmax ? s[j] : bmax;
-          }
+          for (int64_t j = 0; j < visible; ++j) bmax = s[j] > bmax ? s[j] : bmax;
           const float m_new = mx[r] > bmax ? mx[r] : bmax;
           const float corr = exp_f32(mx[r] - m_new);  // 0 on the first block (mx = -inf, clamped)
           for (int64_t j = 0; j < visible; ++j) s[j] -= m_new;
@@ -276,14 +382,7 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
           for (int64_t j = 0; j < visible; ++j) psum += s[j];
           mx[r] = m_new;
           l[r] = l[r] * corr + psum;
-          float* __restrict a = &acc[r * D];
-          for (int64_t d = 0; d < D; ++d) a[d] *= corr;
-          for (int64_t j = 0; j < visible; ++j) {
-            const float p = s[j];
-            const float* __restrict vj = &vf[j * span + kv];
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) a[d] += p * vj[d];
-          }
+          accumulate_pv<DC>(&acc[r * D], corr, s, &vf[kv], span, visible, D);
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
@@ -298,11 +397,13 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
 template <typename T>
 void paged_attention_d(const void* q, const void* k_cache, const void* v_cache, void* out, const int64_t* block_tables,
                        int64_t bt_stride, const int64_t* seq_lens, const int64_t* qstart, const int64_t* reqs,
-                       int64_t n_reqs, int64_t Hq, int64_t Hk, int64_t D, int64_t bs, float scale) {
+                       int64_t n_reqs, int64_t Hq, int64_t Hk, int64_t D, int64_t bs, float scale,
+                       int64_t skip_blocks, const void* init_out, const float* init_lse) {
   auto run = [&](auto dc) {
     paged_attention<T, decltype(dc)::value>(static_cast<const T*>(q), static_cast<const T*>(k_cache),
                                            static_cast<const T*>(v_cache), static_cast<T*>(out), block_tables,
-                                           bt_stride, seq_lens, qstart, reqs, n_reqs, Hq, Hk, D, bs, scale);
+                                           bt_stride, seq_lens, qstart, reqs, n_reqs, Hq, Hk, D, bs, scale,
+                                           skip_blocks, static_cast<const T*>(init_out), init_lse);
   };
   if (D == 64)
     run(std::integral_constant<int64_t, 64>());
@@ -351,13 +452,14 @@ void kv_argmax_rows(int dtype, const void* x, int64_t* out, int64_t rows, int64_
 void kv_paged_attention(int dtype, const void* q, const void* k_cache, const void* v_cache, void* out,
                         const int64_t* block_tables, int64_t bt_stride, const int64_t* seq_lens,
                         const int64_t* qstart, const int64_t* reqs, int64_t n_reqs, int64_t Hq, int64_t Hk,
-                        int64_t D, int64_t bs, float scale) {
+                        int64_t D, int64_t bs, float scale, int64_t skip_blocks, const void* init_out,
+                        const float* init_lse) {
   if (dtype == 1)
     paged_attention_d<bf16>(q, k_cache, v_cache, out, block_tables, bt_stride, seq_lens, qstart, reqs, n_reqs, Hq,
-                            Hk, D, bs, scale);
+                            Hk, D, bs, scale, skip_blocks, init_out, init_lse);
   else
     paged_attention_d<float>(q, k_cache, v_cache, out, block_tables, bt_stride, seq_lens, qstart, reqs, n_reqs, Hq,
-                             Hk, D, bs, scale);
+                             Hk, D, bs, scale, skip_blocks, init_out, init_lse);
 }
 
 }  // extern "C"
