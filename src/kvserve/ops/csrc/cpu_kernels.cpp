@@ -64,6 +64,47 @@ inline float exp_f32(float x0) {
   return x0 > 88.7228f ? INFINITY : (x0 < -87.33654f ? 0.0f : v);
 }
 
+#ifdef __AVX512F__
+// 16 lanes at a time: load/store as float32 from either dtype; round through bf16 like f2bf.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline __m256i to_bf16(__m512 v) {  // round to nearest even; NaN stays NaN (as f2bf)
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(bf16* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, to_bf16(v)); }
+template <typename T> inline __m512 rnd16(__m512 v);
+template <> inline __m512 rnd16<float>(__m512 v) { return v; }
+template <> inline __m512 rnd16<bf16>(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
+}
+// exp_f32 on 16 lanes, the same steps.
+inline __m512 exp16(__m512 x0) {
+  const __m512 x = _mm512_min_ps(_mm512_max_ps(x0, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.37626f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  __m512 v = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+  v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(x0, _mm512_set1_ps(88.7228f), _CMP_GT_OQ), _mm512_set1_ps(INFINITY));
+  return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(x0, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ), _mm512_setzero_ps());
+}
+#endif
+
 // ---- RMSNorm (with the residual add fused) -------------------------------------------------
 // residual != null: residual <- round(x + residual) (in place), out <- norm(residual) * w.
 // residual == null: out <- norm(x) * w. x, residual, out: [rows, D] contiguous; w: [D].
@@ -74,6 +115,24 @@ void rms_norm(const T* x, T* residual, T* out, const T* w, int64_t rows, int64_t
     const T* xr = x + r * D;
     T* res = residual ? residual + r * D : nullptr;
     T* o = out + r * D;
+#ifdef __AVX512F__
+    if (D % 16 == 0) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < D; i += 16) {
+        __m512 h = load16(xr + i);
+        if (res) {
+          h = rnd16<T>(_mm512_add_ps(h, load16(res + i)));
+          store16(res + i, h);
+        }
+        acc = _mm512_fmadd_ps(h, h, acc);
+      }
+      const T* hs = res ? res : xr;
+      const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(D) + eps));
+      for (int64_t i = 0; i < D; i += 16)
+        store16(o + i, _mm512_mul_ps(load16(w + i), rnd16<T>(_mm512_mul_ps(load16(hs + i), inv))));
+      continue;
+    }
+#endif
     float ss = 0.f;
     if (res) {
 #pragma omp simd reduction(+ : ss)
@@ -111,6 +170,16 @@ void silu_and_mul(const T* x, T* out, int64_t rows, int64_t I) {
     const T* g = x + r * 2 * I;
     const T* u = g + I;
     T* o = out + r * I;
+#ifdef __AVX512F__
+    if (I % 16 == 0) {
+      for (int64_t i = 0; i < I; i += 16) {
+        const __m512 a = load16(g + i);
+        const __m512 s = rnd16<T>(_mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), a)))));
+        store16(o + i, _mm512_mul_ps(s, load16(u + i)));
+      }
+      continue;
+    }
+#endif
     float e[C];
     for (int64_t i0 = 0; i0 < I; i0 += C) {
       const int64_t n = std::min(C, I - i0);
