@@ -42,3 +42,17 @@ def test_float32_weights_are_left_alone():
     layer.weight.data.normal_()
     layer.linear_method.process_weights_after_loading(layer)
     assert not layer.weight.is_mkldnn
+
+
+def test_tied_lm_head_packs_a_copy_and_keeps_the_embedding():
+    from kvserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+
+    torch.manual_seed(0)
+    emb = VocabParallelEmbedding(1000, 64, dtype=torch.bfloat16)
+    emb.weight.data.normal_()
+    head = ParallelLMHead(1000, 64, dtype=torch.bfloat16, tied_embedding=emb)
+    hidden = torch.randn(3, 64).bfloat16()
+    expected = head(hidden)
+    head.process_weights_after_loading()
+    assert torch.equal(head(hidden), expected)
+    assert not emb.weight.is_mkldnn and torch.equal(emb(torch.tensor([5])), emb.weight[5:6])

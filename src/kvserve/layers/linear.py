@@ -55,7 +55,7 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def process_weights_after_loading(self, layer):
         w = layer.weight
-        if w.device.type == "cpu" and w.dtype == torch.bfloat16 and _onednn_bf16_available():
+        if w.device.type == "cpu" and w.dtype == torch.bfloat16 and onednn_bf16_available():
             layer.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1), requires_grad=False)
 
     def apply(self, layer, x, bias):
@@ -65,7 +65,7 @@ class UnquantizedLinearMethod(LinearMethod):
         return F.linear(x, layer.weight, bias)
 
 
-def _onednn_bf16_available() -> bool:
+def onednn_bf16_available() -> bool:
     return (
         torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")

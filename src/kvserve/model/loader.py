@@ -20,9 +20,10 @@ from torch import nn
 from tqdm import tqdm
 
 from kvserve.config import ModelConfig
+from kvserve.layers.embedding import ParallelLMHead
+from kvserve.layers.linear import LinearMethod
 from kvserve.layers.rotary import RotaryEmbedding
 from kvserve.model.gguf_loader import iter_gguf_weights
-from kvserve.layers.linear import LinearMethod
 from kvserve.model.registry import get_model_class
 
 
@@ -42,6 +43,8 @@ def load_model(config: ModelConfig, device: str | torch.device = "cpu") -> nn.Mo
             module.init_cache()  # allocated uninitialised, like the weights
         if isinstance(getattr(module, "linear_method", None), LinearMethod):
             module.linear_method.process_weights_after_loading(module)
+        elif isinstance(module, ParallelLMHead):
+            module.process_weights_after_loading()
     return model.eval()
 
 
