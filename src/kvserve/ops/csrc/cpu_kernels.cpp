@@ -343,19 +343,31 @@ constexpr bool kDirectKeys() {
 #endif
 }
 
-// a[0..D) = a * corr + sum_j p[j] * v_j, v_j = vf + j * v_stride.
+// Whether accumulate_pv reads values straight from the cache (then vf is not filled).
 template <int64_t DC>
-inline void accumulate_pv(float* a, float corr, const float* p, const float* vf, int64_t v_stride, int64_t visible,
-                          int64_t D) {
+constexpr bool kDirectValues() {
 #ifdef __AVX512F__
-  if constexpr (DC > 0 && DC % 16 == 0) {
+  return DC > 0 && DC % 16 == 0;
+#else
+  return false;
+#endif
+}
+
+// a[0..D) = a * corr + sum_j p[j] * v_j. With a compile-time D on AVX-512, v_j is read from the
+// cache (v_direct + j * slot_stride, any dtype, converted in registers, a in registers); else from
+// the float copy vf + j * v_stride.
+template <typename T, int64_t DC>
+inline void accumulate_pv(float* a, float corr, const float* p, const T* v_direct, int64_t slot_stride,
+                          const float* vf, int64_t v_stride, int64_t visible, int64_t D) {
+#ifdef __AVX512F__
+  if constexpr (kDirectValues<DC>()) {
     __m512 av[DC / 16];
     const __m512 c = _mm512_set1_ps(corr);
     for (int64_t i = 0; i < DC / 16; ++i) av[i] = _mm512_mul_ps(_mm512_loadu_ps(a + 16 * i), c);
     for (int64_t j = 0; j < visible; ++j) {
       const __m512 pj = _mm512_set1_ps(p[j]);
-      const float* vj = vf + j * v_stride;
-      for (int64_t i = 0; i < DC / 16; ++i) av[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vj + 16 * i), av[i]);
+      const T* vj = v_direct + j * slot_stride;
+      for (int64_t i = 0; i < DC / 16; ++i) av[i] = _mm512_fmadd_ps(pj, load16(vj + 16 * i), av[i]);
     }
     for (int64_t i = 0; i < DC / 16; ++i) _mm512_storeu_ps(a + 16 * i, av[i]);
     return;
@@ -370,7 +382,6 @@ inline void accumulate_pv(float* a, float corr, const float* p, const float* vf,
   }
 }
 
-// DC: head_dim as a compile-time constant (0: use D), so that the D-loops unroll into registers.
 template <typename T, int64_t DC>
 void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, const int64_t* block_tables,
                      int64_t bt_stride, const int64_t* seq_lens, const int64_t* qstart, const int64_t* reqs,
@@ -432,7 +443,8 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
           float* vd = &vf[j * span];
           if constexpr (!kDirectKeys<T, DC>())
             for (int64_t e = 0; e < span; ++e) kd[e] = ld(kr, e);
-          for (int64_t e = 0; e < span; ++e) vd[e] = ld(vr, e);
+          if constexpr (!kDirectValues<DC>())
+            for (int64_t e = 0; e < span; ++e) vd[e] = ld(vr, e);
         }
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t visible = std::min(n, p0 + r / qh - blk * bs + 1);  // causal: keys <= position
@@ -451,7 +463,7 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
           for (int64_t j = 0; j < visible; ++j) psum += s[j];
           mx[r] = m_new;
           l[r] = l[r] * corr + psum;
-          accumulate_pv<DC>(&acc[r * D], corr, s, &vf[kv], span, visible, D);
+          accumulate_pv<T, DC>(&acc[r * D], corr, s, v_cache + base + kv, row_elems, &vf[kv], span, visible, D);
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
