@@ -1,7 +1,7 @@
 // kvserve CPU kernels: fused elementwise ops and in-place paged attention.
 //
 // A plain C ABI over raw pointers, called through ctypes (kvserve/ops/cpu_ops.py), so the file
-// builds in about a second with g++ alone, without torch headers. Each kernel has a torch-native
+// builds in about two seconds with g++ alone, without torch headers. Each kernel has a torch-native
 // reference that the tests compare it with (layers/*.py, attention/torch_ref.py).
 //
 // dtype codes: 0 = float32, 1 = bfloat16. Math is float32; results are rounded to the storage
