@@ -14,7 +14,10 @@ from .conftest import TINY_ARGS, start_server
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_finishes_in_flight_requests_then_exits_0(tiny_llama_dir, tmp_path, sig):
     server = start_server([tiny_llama_dir, *TINY_ARGS], tmp_path)
-    body = {"prompt": "Finish me", "max_tokens": 40, "ignore_eos": True, "stream": True}
+    # Long enough that the stream outlives uvicorn noticing the signal (it polls every 0.1 s): with
+    # fast CPU kernels 40 tokens of the tiny model could finish before the listener closed.
+    max_tokens = 300
+    body = {"prompt": "Finish me", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
     texts, finish, refused = [], None, threading.Event()
     try:
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
@@ -29,7 +32,7 @@ def test_signal_finishes_in_flight_requests_then_exits_0(tiny_llama_dir, tmp_pat
                     threading.Thread(target=_expect_refusal, args=(server.url, refused), daemon=True).start()
             # While the stream was still running, new connections were already refused.
             assert refused.is_set(), "a new connection was accepted during the shutdown"
-        assert finish == "length" and len(texts) == 40  # the in-flight request ran to its end
+        assert finish == "length" and len(texts) == max_tokens  # the in-flight request ran to its end
         assert server.proc.wait(timeout=60) == 0, server.log()[-3000:]
     finally:
         if server.proc.poll() is None:
