@@ -40,7 +40,6 @@ class _CpuPlan:
     decode_reqs: torch.Tensor  # [n] int64, requests with one query row
     fresh: list[tuple[int, int]]  # (first row, rows) of prefill chunks that start at position 0
     context: Optional[Group]  # torch-reference group of prefill chunks after cached context
-    seq_lens: torch.Tensor  # [B] int64 on the host
     cascade: Optional[_Cascade]  # when set, it covers the decode and context requests above
 
 
@@ -66,7 +65,6 @@ class CpuAttentionBackend(AttentionBackend):
             decode_reqs=torch.tensor(decode, dtype=torch.long),
             fresh=fresh,
             context=build_group(meta, context) if context and cascade is None else None,
-            seq_lens=torch.tensor(meta.seq_lens_host, dtype=torch.long),
             cascade=cascade,
         )
 
@@ -99,10 +97,10 @@ class CpuAttentionBackend(AttentionBackend):
         out = torch.empty_like(q)
         if plan.cascade is not None:
             init_out, init_lse = _shared_prefix_attention(q, kv_cache, plan.cascade, scale)
-            self._kernel(q, kv_cache, out, meta, plan, plan.cascade.reqs, scale,
+            self._kernel(q, kv_cache, out, meta, plan.cascade.reqs, scale,
                          len(plan.cascade.prefix_blocks), init_out, init_lse)  # fmt: skip
         elif plan.decode_reqs.numel():
-            self._kernel(q, kv_cache, out, meta, plan, plan.decode_reqs, scale)
+            self._kernel(q, kv_cache, out, meta, plan.decode_reqs, scale)
         for start, n in plan.fresh:
             rows = slice(start, start + n)
             # 4-D inputs: with 3-D ones SDPA takes its slow math path (10x slower, measured).
@@ -116,9 +114,9 @@ class CpuAttentionBackend(AttentionBackend):
         return out
 
     @staticmethod
-    def _kernel(q, kv_cache, out, meta, plan, reqs, scale, skip_blocks=0, init_out=None, init_lse=None) -> None:
+    def _kernel(q, kv_cache, out, meta, reqs, scale, skip_blocks=0, init_out=None, init_lse=None) -> None:
         applied = cpu_ops.paged_attention(
-            q, kv_cache, out, meta.block_tables_host, plan.seq_lens, meta.query_start_loc_host, reqs, scale,
+            q, kv_cache, out, meta.block_tables_host, meta.seq_lens, meta.query_start_loc_host, reqs, scale,
             skip_blocks, init_out, init_lse,
         )  # fmt: skip
         if not applied:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kvserve.layers.linear import onednn_bf16_available
+from kvserve.layers.linear import onednn_linear, pack_for_onednn
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -86,15 +86,13 @@ class ParallelLMHead(VocabParallelEmbedding):
         """On a CPU in bfloat16, a oneDNN-packed copy of the head's weight for the matmul (the
         embedding keeps its plain layout for lookups): measured 1.3-1.5x faster logits for 1-256
         rows on the default model, at the cost of a second [V, D] copy."""
-        weight = self._tied[0].weight if self._tied else self.weight
-        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and onednn_bf16_available():
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        self._packed = pack_for_onednn(self._tied[0].weight if self._tied else self.weight)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, D] -> logits [N, V] in the model dtype (a view when the vocab is padded)."""
         packed = getattr(self, "_packed", None)
         if packed is not None:
-            logits = torch.ops.mkldnn._linear_pointwise(hidden, packed, None, "none", [], "")  # [N, V_pp]
+            logits = onednn_linear(hidden, packed, None)  # [N, V_pp]
         else:
             weight = self._tied[0].weight if self._tied else self.weight
             logits = F.linear(hidden, weight)  # [N, V_pp]

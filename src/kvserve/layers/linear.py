@@ -55,18 +55,31 @@ class UnquantizedLinearMethod(LinearMethod):
         layer.register_parameter("bias", nn.Parameter(b, requires_grad=False) if bias else None)
 
     def process_weights_after_loading(self, layer):
-        w = layer.weight
-        if w.device.type == "cpu" and w.dtype == torch.bfloat16 and onednn_bf16_available():
-            layer.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1), requires_grad=False)
+        packed = pack_for_onednn(layer.weight)
+        if packed is not None:
+            layer.weight = nn.Parameter(packed, requires_grad=False)
 
     def apply(self, layer, x, bias):
         if layer.weight.is_mkldnn:
-            out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), layer.weight, bias, "none", [], "")
-            return out.view(*x.shape[:-1], out.shape[-1])
+            return onednn_linear(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)
 
 
-def onednn_bf16_available() -> bool:
+def pack_for_onednn(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """weight [out, in]: its oneDNN-packed copy (an opaque mkldnn tensor) where that applies (CPU,
+    bfloat16, oneDNN with bf16), else None."""
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not _onednn_bf16_available():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x: [..., in] @ packed weight (from pack_for_onednn) -> [..., out]."""
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _onednn_bf16_available() -> bool:
     return (
         torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")

@@ -406,7 +406,10 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
 #pragma omp parallel
   {
     const int64_t R = kTile * heads_per_item * G;  // rows of one item: (query i, q head)
-    std::vector<float> qf(R * D), acc(R * D), mx(R), l(R), kf(bs * row_elems), vf(bs * row_elems), sc(bs);
+    // Float copies of keys / values only where the score / PV paths read them (not on AVX-512).
+    constexpr bool direct_k = kDirectKeys<T, DC>(), direct_v = kDirectValues<DC>();
+    std::vector<float> qf(R * D), acc(R * D), mx(R), l(R), sc(bs);
+    std::vector<float> kf(direct_k ? 0 : bs * row_elems), vf(direct_v ? 0 : bs * row_elems);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
       const int64_t b = item_req[it / head_groups], t0 = item_tile[it / head_groups];
@@ -415,12 +418,13 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
       const int64_t nq = std::min(kTile, qlen - t0), qh = nh * G, rows = nq * qh;
       const int64_t p0 = ctx - qlen + t0;  // position of the tile's first query
       const int64_t nkeys = p0 + nq;       // keys 0 .. last query's position
-      // Row r = (query r / qh, q head h0 * G + r % qh), which reads kv head h0 + (r % qh) / G.
+      // Row r = (query r / qh, q head h0 * G + r % qh), which reads kv head h0 + (r % qh) / G;
+      // row_of(r) is its index in the [T, Hq] layout of q, out, init_out and init_lse.
+      auto row_of = [&](int64_t r) { return (qstart[b] + t0 + r / qh) * Hq + h0 * G + r % qh; };
       for (int64_t r = 0; r < rows; ++r) {
-        const T* src = q + ((qstart[b] + t0 + r / qh) * Hq + h0 * G + r % qh) * D;
-        float* qr = &qf[r * D];
-        for (int64_t d = 0; d < D; ++d) qr[d] = ld(src, d) * scale;
-        const int64_t row = (qstart[b] + t0 + r / qh) * Hq + h0 * G + r % qh;  // [T, Hq] index
+        const int64_t row = row_of(r);
+        if constexpr (!direct_k)  // the direct path multiplies the raw query and scales the score
+          for (int64_t d = 0; d < D; ++d) qf[r * D + d] = ld(q + row * D, d) * scale;
         if (init_out) {  // continue from attention over blocks < skip_blocks: state (lse, 1, out)
           for (int64_t d = 0; d < D; ++d) acc[r * D + d] = ld(init_out + row * D, d);
           mx[r] = init_lse[row];
@@ -437,22 +441,20 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
         const int64_t n = std::min(bs, nkeys - blk * bs);
         const int64_t base = table[blk] * bs * row_elems + h0 * D;
         for (int64_t j = 0; j < n; ++j) {  // kf, vf: [n, nh, D] float
-          const T* kr = k_cache + base + j * row_elems;
-          const T* vr = v_cache + base + j * row_elems;
-          float* kd = &kf[j * span];
-          float* vd = &vf[j * span];
-          if constexpr (!kDirectKeys<T, DC>())
-            for (int64_t e = 0; e < span; ++e) kd[e] = ld(kr, e);
-          if constexpr (!kDirectValues<DC>())
-            for (int64_t e = 0; e < span; ++e) vd[e] = ld(vr, e);
+          if constexpr (!direct_k)
+            for (int64_t e = 0; e < span; ++e) kf[j * span + e] = ld(k_cache + base + j * row_elems, e);
+          if constexpr (!direct_v)
+            for (int64_t e = 0; e < span; ++e) vf[j * span + e] = ld(v_cache + base + j * row_elems, e);
         }
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t visible = std::min(n, p0 + r / qh - blk * bs + 1);  // causal: keys <= position
           if (visible <= 0) continue;
           const int64_t kv = ((r % qh) / G) * D;  // this row's head inside a slot of kf / vf
           float* s = sc.data();
-          const T* q_raw = q + ((qstart[b] + t0 + r / qh) * Hq + h0 * G + r % qh) * D;
-          block_scores<T, DC>(q_raw, &qf[r * D], k_cache + base + kv, row_elems, &kf[kv], span, visible, D, scale, s);
+          const float* kf_row = direct_k ? nullptr : kf.data() + kv;  // the float copies are empty when direct
+          const float* vf_row = direct_v ? nullptr : vf.data() + kv;
+          block_scores<T, DC>(q + row_of(r) * D, qf.data() + r * D, k_cache + base + kv, row_elems, kf_row, span, visible,
+                              D, scale, s);
           float bmax = -INFINITY;
           for (int64_t j = 0; j < visible; ++j) bmax = s[j] > bmax ? s[j] : bmax;
           const float m_new = mx[r] > bmax ? mx[r] : bmax;
@@ -463,11 +465,11 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
           for (int64_t j = 0; j < visible; ++j) psum += s[j];
           mx[r] = m_new;
           l[r] = l[r] * corr + psum;
-          accumulate_pv<T, DC>(&acc[r * D], corr, s, v_cache + base + kv, row_elems, &vf[kv], span, visible, D);
+          accumulate_pv<T, DC>(&acc[r * D], corr, s, v_cache + base + kv, row_elems, vf_row, span, visible, D);
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
-        T* dst = out + ((qstart[b] + t0 + r / qh) * Hq + h0 * G + r % qh) * D;
+        T* dst = out + row_of(r) * D;
         const float inv = 1.0f / l[r];
         for (int64_t d = 0; d < D; ++d) st(dst, d, acc[r * D + d] * inv);
       }
