@@ -84,3 +84,37 @@ def test_argmax_rows_matches_torch_including_ties_and_strided_rows(dtype):
     out = cpu_ops.argmax_rows(logits)
     assert out.tolist() == logits.argmax(dim=-1).tolist()
     assert out[0] == 10 and out[1] == 0 and out[2] == 4998
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sample_rows_matches_the_inverse_cdf_reference(dtype):
+    from kvserve.worker.sampler import inverse_cdf_sample
+
+    torch.manual_seed(0)
+    rows, vocab = 96, 4999  # vocab not a multiple of 16: the kernel's tail block
+    padded = (torch.randn(rows, vocab + 1) * 3).to(dtype)
+    padded[5, :] = float("-inf")
+    padded[5, [7, 4000, 4998]] = torch.tensor([0.0, 1.0, 2.0]).to(dtype)  # only three drawable tokens
+    padded[6, 100] = 1e4  # one token holds all the weight
+    logits = padded[:, :vocab]  # strided rows
+    inv_t = torch.rand(rows) * 2 + 0.1
+    inv_t[::7] = 0.0  # greedy rows
+    for seed in range(5):
+        u = torch.rand(rows, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        u[0], u[1] = 0.0, 1.0 - 2**-53  # the ends of [0, 1)
+        out = cpu_ops.sample_rows(logits, inv_t, u)
+        assert out.tolist() == inverse_cdf_sample(logits, inv_t, u).tolist()
+        assert out[5].item() in (7, 4000, 4998) and out[6].item() == 100
+        assert out[::7].tolist() == logits[::7].argmax(dim=-1).tolist()
+
+
+def test_sample_rows_draws_the_softmax_distribution():
+    n, inv_t = 40000, 1 / 0.7
+    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, float("-inf"), -1.0, 2.0] * 3).repeat(n, 1)  # 21 columns: a tail
+    out = cpu_ops.sample_rows(logits, torch.full((n,), inv_t), torch.rand(n, dtype=torch.float64))
+    counts = torch.bincount(out, minlength=21).double()
+    expected = torch.softmax(logits[0].double() * inv_t, dim=-1) * n
+    assert counts[expected == 0].sum() == 0  # -inf is never drawn
+    keep = expected > 0
+    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
+    assert chi2 < 45.3  # chi-square, 17 degrees of freedom, p = 0.001

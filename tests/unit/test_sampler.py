@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from kvserve.ops import cpu_ops
 from kvserve.sampling_params import SamplingParams
 from kvserve.worker.sampler import Sampler, apply_penalties, gather_logprobs
 from kvserve.worker.sampling_metadata import SamplingMetadata
@@ -99,10 +100,14 @@ def test_seeded_rows_reproduce_across_batch_composition_and_position():
     assert _sample_steps(logits_row, params, 8, others=[], position=0) != alone
 
 
-def test_distribution_matches_softmax_over_temperature():
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_distribution_matches_softmax_over_temperature(path, dtype, monkeypatch):
+    if path == "reference":  # the torch-native sampler, as on a GPU or without the CPU kernels
+        monkeypatch.setattr(cpu_ops, "sample_rows", lambda *args: None)
     torch.manual_seed(0)
     n, temperature = 20000, 0.7
-    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, 2.0]).repeat(n, 1)
+    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, 2.0]).repeat(n, 1).to(dtype)  # exact in bf16
     meta = build([SamplingParams(temperature=temperature)] * n, vocab_size=6)
     counts = torch.bincount(Sampler()(logits, meta).sampled_token_ids, minlength=6).double()
     expected = torch.softmax(logits[0].double() / temperature, dim=-1) * n

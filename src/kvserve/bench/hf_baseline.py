@@ -16,6 +16,7 @@ def main() -> None:
     p.add_argument("--prompts", required=True, help="JSON file: list of equal-length token-id lists")
     p.add_argument("--output-len", type=int, required=True)
     p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; else pure sampling (no top-k/p)")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     if args.model.endswith(".gguf"):
@@ -28,10 +29,14 @@ def main() -> None:
     with open(args.prompts) as f:
         prompts = torch.tensor(json.load(f))  # equal lengths: no padding needed
 
+    sampling = {"do_sample": False}
+    if args.temperature > 0:
+        sampling = {"do_sample": True, "temperature": args.temperature, "top_k": 0, "top_p": 1.0}
+
     def generate(batch: torch.Tensor, n: int) -> torch.Tensor:
         return model.generate(
             batch, attention_mask=torch.ones_like(batch), max_new_tokens=n, min_new_tokens=n,
-            do_sample=False, pad_token_id=0,
+            pad_token_id=0, **sampling,
         )  # fmt: skip
 
     with torch.inference_mode():

@@ -32,6 +32,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="tokens of one random prefix shared by every prompt, before its --input-len distinct tokens "
         "(as vLLM's --random-prefix-len); measures prefix caching",
     )
+    p.add_argument(
+        "--temperature", type=float, default=1.0,
+        help="sampling temperature (default 1.0 with top_p 1, as `vllm bench throughput`; 0 = greedy)",
+    )  # fmt: skip
     p.add_argument("--baseline", choices=("none", "hf"), default="none")
     p.add_argument("--hf-batch-size", type=int, default=None, help="HF generate batch size (default: all prompts)")
     p.add_argument(
@@ -83,14 +87,15 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> None:
     if args.prefix_len:
         prompts = with_shared_prefix(prompts, args.prefix_len, config.model.vocab_size, avoid, args.random_seed)
     in_len = args.prefix_len + args.input_len
-    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0.0)
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=args.temperature, top_p=1.0)
     llm.generate(warmup, SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - t0
     assert all(len(o.outputs[0].token_ids) == args.output_len for o in outputs)
     print(f"model={config.model.path} dtype={config.model.dtype} prompts={args.num_prompts} "
-          f"input={in_len} (shared prefix {args.prefix_len}) output={args.output_len} threads={_threads()}",
+          f"input={in_len} (shared prefix {args.prefix_len}) output={args.output_len} "
+          f"temperature={args.temperature} threads={_threads()}",
           flush=True)  # fmt: skip
     ours = report("kvserve", args.num_prompts, in_len, args.output_len, elapsed)
     if args.baseline == "hf":
@@ -107,6 +112,7 @@ def run_hf_baseline(args: argparse.Namespace, model_path: str, dtype: str, promp
     cmd = [
         python, str(HF_BASELINE_SCRIPT), "--model", model_path, "--dtype", dtype, "--prompts", f.name,
         "--output-len", str(args.output_len), "--batch-size", str(args.hf_batch_size or len(prompts)),
+        "--temperature", str(args.temperature),
     ]  # fmt: skip
     try:
         result = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)

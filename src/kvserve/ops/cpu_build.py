@@ -101,7 +101,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         c_int, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, i64, ptr, ptr
     ]
     lib.kv_argmax_rows.argtypes = [c_int, ptr, ptr, i64, i64, i64]
-    for f in (lib.kv_argmax_rows, lib.kv_rms_norm, lib.kv_silu_and_mul, lib.kv_rotary, lib.kv_paged_attention):
+    lib.kv_sample_rows.argtypes = [c_int, ptr, ptr, i64, i64, i64, ptr, ptr]
+    for f in (lib.kv_argmax_rows, lib.kv_sample_rows, lib.kv_rms_norm, lib.kv_silu_and_mul, lib.kv_rotary, lib.kv_paged_attention):
         f.restype = None
     return lib
 

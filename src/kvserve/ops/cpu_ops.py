@@ -75,6 +75,25 @@ def argmax_rows(x: torch.Tensor) -> Optional[torch.Tensor]:
     return out
 
 
+def sample_rows(x: torch.Tensor, inv_temperature: torch.Tensor, uniforms: torch.Tensor) -> Optional[torch.Tensor]:
+    """x: [N, V] logits (rows may be strided); inv_temperature: [N] float32 (0 = greedy row);
+    uniforms: [N] float64 in [0, 1) -> [N] int64, one inverse-CDF draw per row from
+    softmax(x * inv_temperature) (reference: worker/sampler.py inverse_cdf_sample)."""
+    code = _code(x)
+    if code is None or x.dim() != 2 or x.stride(1) != 1:
+        return None
+    if inv_temperature.dtype != torch.float32 or uniforms.dtype != torch.float64:
+        return None
+    if any(t.device.type != "cpu" or not t.is_contiguous() or t.shape != x.shape[:1] for t in (inv_temperature, uniforms)):
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    cpu_build.load().kv_sample_rows(
+        code, x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0),
+        inv_temperature.data_ptr(), uniforms.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, Hq, D]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]

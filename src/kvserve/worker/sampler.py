@@ -2,7 +2,9 @@
 
 1. logprobs of the raw logits (log_softmax of the model output, before any processing);
 2. logit_bias and min_tokens masking; 3. repetition, frequency and presence penalties;
-4. greedy rows take the argmax; random rows: divide by temperature, min_p, top_k, top_p, then sample.
+4. greedy rows take the argmax; random rows: divide by temperature, min_p, top_k, top_p, then sample
+   one token by inverse CDF from one uniform per row (seeded rows draw it from their own generator,
+   so their samples do not depend on the rest of the batch).
 
 Everything stays on the logits' device with no host sync (the runner does one transfer per step),
 and the input logits are never modified.
@@ -38,14 +40,14 @@ class Sampler:
             # answer is the same; the float32 copy of [B, V] would cost more than the argmax).
             ids = cpu_ops.argmax_rows(logits)
             return SamplerOutput(ids if ids is not None else logits.argmax(dim=-1), None, None, None)
-        logits = logits.float()
-        raw_logprobs = None if meta.max_num_logprobs is None else torch.log_softmax(logits, dim=-1)  # [B, V]
+        # Logits stay in the model's dtype unless something must change them (then float32 copies).
+        raw_logprobs = None if meta.max_num_logprobs is None else torch.log_softmax(logits.float(), dim=-1)  # [B, V]
         if meta.logit_bias is not None:
-            logits = add_sparse(logits, meta.logit_bias)
+            logits = add_sparse(logits.float(), meta.logit_bias)
         if meta.min_tokens_mask is not None:
-            logits = add_sparse(logits, meta.min_tokens_mask)
+            logits = add_sparse(logits.float(), meta.min_tokens_mask)
         if meta.penalties is not None:
-            logits = apply_penalties(logits, meta.penalties)
+            logits = apply_penalties(logits.float(), meta.penalties)
         sampled = _sample(logits, meta)  # [B]
         if raw_logprobs is None:
             return SamplerOutput(sampled, None, None, None)
@@ -59,19 +61,48 @@ def _processed(meta: SamplingMetadata) -> bool:
 
 
 def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """[B, V] processed logits -> [B] token ids."""
-    greedy_ids = None if meta.all_random else logits.argmax(dim=-1)
+    """[B, V] processed logits (model dtype or float32) -> [B] token ids."""
     if meta.all_greedy:
-        return greedy_ids
-    logits = logits / meta.temperature[:, None]
-    if meta.min_p is not None:
-        logits = apply_min_p(logits, meta.min_p)
-    if meta.top_k is not None or meta.top_p is not None:
-        logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
-    random_ids = exponential_race(logits.softmax(dim=-1), meta.generators)
-    if meta.all_random:
-        return random_ids
-    return torch.where(meta.greedy, greedy_ids, random_ids)
+        ids = cpu_ops.argmax_rows(logits)
+        return ids if ids is not None else logits.argmax(dim=-1)
+    zero = torch.zeros((), device=logits.device)
+    if meta.min_p is None and meta.top_k is None and meta.top_p is None:
+        inv_temperature = torch.where(meta.greedy, zero, meta.temperature.reciprocal())  # [B]
+    else:  # the filters act on the temperature-scaled logits
+        logits = logits.float() / meta.temperature[:, None]
+        if meta.min_p is not None:
+            logits = apply_min_p(logits, meta.min_p)
+        if meta.top_k is not None or meta.top_p is not None:
+            logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
+        inv_temperature = torch.where(meta.greedy, zero, zero + 1.0)
+    uniforms = draw_uniforms(logits.shape[0], meta.generators, logits.device)
+    ids = cpu_ops.sample_rows(logits, inv_temperature, uniforms)
+    return ids if ids is not None else inverse_cdf_sample(logits, inv_temperature, uniforms)
+
+
+def draw_uniforms(n: int, generators: dict[int, torch.Generator], device: torch.device) -> torch.Tensor:
+    """[n] float64 uniforms in [0, 1): one call on the default generator, then each seeded row
+    redrawn from its own generator (exactly one value per row and step)."""
+    u = torch.rand(n, dtype=torch.float64, device=device)
+    for row, gen in generators.items():
+        u[row] = torch.rand(1, dtype=torch.float64, device=gen.device, generator=gen)[0]
+    return u
+
+
+def inverse_cdf_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Reference sampler: row r draws token j with prob softmax(logits[r] * inv_temperature[r])[j],
+    namely the first j whose cumulative weight exceeds uniforms[r] * total; greedy rows
+    (inv_temperature 0) take the argmax. logits: [B, V]; inv_temperature: [B] float32;
+    uniforms: [B] float64 in [0, 1). Weights exp((x - max) * inv_temperature) in float32, summed in
+    float64 (the CPU kernel, ops/cpu_ops.sample_rows, follows the same steps)."""
+    x = logits.float()
+    greedy = inv_temperature == 0
+    scale = torch.where(greedy, torch.ones_like(inv_temperature), inv_temperature)[:, None]  # [B, 1]
+    weights = torch.exp((x - x.amax(dim=-1, keepdim=True)) * scale)  # [B, V], 0 where x = -inf
+    cdf = weights.double().cumsum(dim=-1)  # [B, V]
+    target = (uniforms * cdf[:, -1])[:, None]  # [B, 1]
+    drawn = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=x.shape[-1] - 1)
+    return torch.where(greedy, x.argmax(dim=-1), drawn)
 
 
 def add_sparse(logits: torch.Tensor, update: SparseLogitUpdate) -> torch.Tensor:
@@ -122,18 +153,6 @@ def apply_top_k_top_p(
         drop[:, -1] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return logits.scatter(1, order, sorted_logits)
-
-
-def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """[B, V] probs -> [B] samples: argmax(probs / q) with q ~ Exp(1) i.i.d. picks token v with prob probs[v].
-
-    Unseeded rows draw from the default generator in one call; each seeded row draws exactly V
-    values from its own generator, so its samples do not depend on the rest of the batch.
-    """
-    q = torch.empty_like(probs).exponential_()  # [B, V]
-    for row, gen in generators.items():
-        q[row].exponential_(generator=gen)
-    return probs.div(q).argmax(dim=-1)
 
 
 def gather_logprobs(

@@ -249,6 +249,89 @@ void argmax_rows(const T* x, int64_t* out, int64_t rows, int64_t cols, int64_t s
   }
 }
 
+// ---- Random sampling: one categorical draw per row by inverse CDF ----------------------------
+// Row r samples token j with probability softmax(x[r] * inv_temp[r])[j], using one uniform u[r] in
+// [0, 1): the first j whose cumulative weight exceeds u[r] * (total weight). Weights are
+// e_j = exp((x_j - max) * inv_temp), so -inf logits (filtered tokens) weigh 0 and are never drawn.
+// inv_temp[r] == 0 marks a greedy row: the first index of its maximum, as argmax_rows.
+// The reference (worker/sampler.py: inverse_cdf_sample) sums in float64 in index order; here
+// 16-wide blocks sum in float32 and blocks add up in float64, so the two can disagree only when
+// the target lies within float rounding of a boundary between two tokens.
+template <typename T>
+void sample_rows(const T* x, int64_t* out, int64_t rows, int64_t cols, int64_t stride, const float* inv_temp,
+                 const double* u) {
+  constexpr int64_t W = 16;  // block width: one vector
+  const int64_t nb = (cols + W - 1) / W;
+#pragma omp parallel if (rows * cols > 65536)
+  {
+    std::vector<float> e(nb * W, 0.0f);  // this thread's row of weights (tail padding stays 0)
+    std::vector<float> bsum(nb);          // and their 16-wide block sums
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = x + r * stride;
+      float m = -INFINITY;
+      for (int64_t j = 0; j < cols; ++j) {
+        const float v = ld(row, j);
+        m = v > m ? v : m;
+      }
+      const float it = inv_temp[r];
+      if (it == 0.0f || m == -INFINITY) {  // greedy (or nothing drawable: token 0, as argmax)
+        int64_t best = 0;
+        for (int64_t j = 0; j < cols; ++j)
+          if (ld(row, j) == m) {
+            best = j;
+            break;
+          }
+        out[r] = best;
+        continue;
+      }
+      double total = 0.0;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t j0 = b * W;
+#ifdef __AVX512F__
+        if (j0 + W <= cols) {
+          const __m512 v = exp16(_mm512_mul_ps(_mm512_sub_ps(load16(row + j0), _mm512_set1_ps(m)), _mm512_set1_ps(it)));
+          _mm512_storeu_ps(e.data() + j0, v);
+          bsum[b] = _mm512_reduce_add_ps(v);
+          total += bsum[b];
+          continue;
+        }
+#endif
+        float s = 0.0f;
+        for (int64_t j = j0; j < std::min(j0 + W, cols); ++j) {
+          e[j] = exp_f32((ld(row, j) - m) * it);
+          s += e[j];
+        }
+        bsum[b] = s;
+        total += s;
+      }
+      const double target = u[r] * total;
+      double run = 0.0;
+      int64_t pick = -1, last_positive = 0;
+      for (int64_t b = 0; b < nb && pick < 0; ++b) {
+        if (bsum[b] > 0.0f) {
+          for (int64_t j = b * W; j < b * W + W; ++j)
+            if (e[j] > 0.0f) last_positive = j;
+        }
+        if (run + bsum[b] <= target) {
+          run += bsum[b];
+          continue;
+        }
+        double within = run;  // scan the block that crosses the target
+        for (int64_t j = b * W; j < std::min(b * W + W, cols); ++j) {
+          within += e[j];
+          if (within > target && e[j] > 0.0f) {
+            pick = j;
+            break;
+          }
+        }
+        run += bsum[b];  // rounding left the target past this block: go on
+      }
+      out[r] = pick >= 0 ? pick : last_positive;
+    }
+  }
+}
+
 // ---- Paged attention, reading the KV cache in place ----------------------------------------
 // For each listed request b: its query rows qstart[b]..qstart[b+1] (positions seq_lens[b] - qlen ..
 // seq_lens[b] - 1) attend causally to its context, held in blocks block_tables[b, :] of the cache.
@@ -530,6 +613,14 @@ void kv_argmax_rows(int dtype, const void* x, int64_t* out, int64_t rows, int64_
     argmax_rows(static_cast<const bf16*>(x), out, rows, cols, stride);
   else
     argmax_rows(static_cast<const float*>(x), out, rows, cols, stride);
+}
+
+void kv_sample_rows(int dtype, const void* x, int64_t* out, int64_t rows, int64_t cols, int64_t stride,
+                    const float* inv_temp, const double* u) {
+  if (dtype == 1)
+    sample_rows(static_cast<const bf16*>(x), out, rows, cols, stride, inv_temp, u);
+  else
+    sample_rows(static_cast<const float*>(x), out, rows, cols, stride, inv_temp, u);
 }
 
 void kv_paged_attention(int dtype, const void* q, const void* k_cache, const void* v_cache, void* out,
