@@ -79,13 +79,16 @@ def test_slot_mapping_and_positions():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_cpu_paged_kernel_reads_context_in_place(dtype, tol):
+# GQA groups of 3, 8 and 5 query heads (the value update takes 4 rows at a time at D = 64, 2 at
+# D = 128), plain multi-head attention, and a head size without a compiled fast path.
+@pytest.mark.parametrize("hq,hkv,d", [(6, 2, 64), (16, 2, 64), (10, 2, 64), (6, 2, 128), (4, 4, 64), (6, 3, 80)])
+def test_cpu_paged_kernel_reads_context_in_place(dtype, tol, hq, hkv, d):
     """The C++ kernel on its own, every row kind (decode, fresh prefill, chunk after context),
-    GQA 3:1, block size 16, scattered blocks, and NaN in every slot no request has written."""
+    GQA, block size 16, scattered blocks, and NaN in every slot no request has written."""
     from kvserve.ops import cpu_ops
 
     torch.manual_seed(1)
-    hq, hkv, d, bs, num_blocks = 6, 2, 64, 16, 64
+    bs, num_blocks = 16, 64
     cache = torch.full((2, num_blocks, bs, hkv, d), float("nan"), dtype=dtype)
     # Nine requests: batches of 8+ give each work item all kv heads, smaller ones one head each.
     ctx_lens, q_lens = [1, 40, 97, 16, 17, 33, 130, 64, 5], [1, 1, 5, 16, 9, 33, 1, 1, 2]

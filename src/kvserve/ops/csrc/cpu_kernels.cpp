@@ -467,6 +467,55 @@ inline void accumulate_pv(float* a, float corr, const float* p, const T* v_direc
   }
 }
 
+// Rows that read the same kv head at the same position (GQA's query heads of one kv head) share each
+// value vector: accumulate_pv for nr of them at once, loading (and converting) v_j once.
+// Rows per call: as many as keep the accumulators in registers (4 x 4 at D = 64, 2 x 8 at D = 128).
+template <int64_t DC>
+constexpr int64_t kPvRows() {
+  return DC > 0 && DC <= 64 ? 4 : 2;
+}
+
+template <typename T, int64_t DC, int64_t NR>
+inline void accumulate_pv_rows(float* a, int64_t a_stride, const float* corr, const float* p, int64_t p_stride,
+                               const T* v_direct, int64_t slot_stride, const float* vf, int64_t v_stride,
+                               int64_t visible, int64_t D) {
+#ifdef __AVX512F__
+  if constexpr (kDirectValues<DC>()) {
+    constexpr int64_t NV = DC / 16;
+    __m512 av[NR][NV];
+    for (int64_t r = 0; r < NR; ++r)
+      for (int64_t i = 0; i < NV; ++i)
+        av[r][i] = _mm512_mul_ps(_mm512_loadu_ps(a + r * a_stride + 16 * i), _mm512_set1_ps(corr[r]));
+    for (int64_t j = 0; j < visible; ++j) {
+      const T* vj = v_direct + j * slot_stride;
+      __m512 vv[NV];
+      for (int64_t i = 0; i < NV; ++i) vv[i] = load16(vj + 16 * i);
+      for (int64_t r = 0; r < NR; ++r) {
+        const __m512 pj = _mm512_set1_ps(p[r * p_stride + j]);
+        for (int64_t i = 0; i < NV; ++i) av[r][i] = _mm512_fmadd_ps(pj, vv[i], av[r][i]);
+      }
+    }
+    for (int64_t r = 0; r < NR; ++r)
+      for (int64_t i = 0; i < NV; ++i) _mm512_storeu_ps(a + r * a_stride + 16 * i, av[r][i]);
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < NR; ++r)
+    accumulate_pv<T, DC>(a + r * a_stride, corr[r], p + r * p_stride, v_direct, slot_stride, vf, v_stride, visible, D);
+}
+
+template <typename T, int64_t DC>
+inline void accumulate_pv_n(int64_t nr, float* a, int64_t a_stride, const float* corr, const float* p,
+                            int64_t p_stride, const T* v_direct, int64_t slot_stride, const float* vf,
+                            int64_t v_stride, int64_t visible, int64_t D) {
+  switch (nr) {  // nr <= kPvRows<DC>() <= 4
+    case 4: accumulate_pv_rows<T, DC, 4>(a, a_stride, corr, p, p_stride, v_direct, slot_stride, vf, v_stride, visible, D); break;
+    case 3: accumulate_pv_rows<T, DC, 3>(a, a_stride, corr, p, p_stride, v_direct, slot_stride, vf, v_stride, visible, D); break;
+    case 2: accumulate_pv_rows<T, DC, 2>(a, a_stride, corr, p, p_stride, v_direct, slot_stride, vf, v_stride, visible, D); break;
+    default: accumulate_pv_rows<T, DC, 1>(a, a_stride, corr, p, p_stride, v_direct, slot_stride, vf, v_stride, visible, D);
+  }
+}
+
 template <typename T, int64_t DC>
 void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, const int64_t* block_tables,
                      int64_t bt_stride, const int64_t* seq_lens, const int64_t* qstart, const int64_t* reqs,
@@ -493,7 +542,7 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
     const int64_t R = kTile * heads_per_item * G;  // rows of one item: (query i, q head)
     // Float copies of keys / values only where the score / PV paths read them (not on AVX-512).
     constexpr bool direct_k = kDirectKeys<T, DC>(), direct_v = kDirectValues<DC>();
-    std::vector<float> qf(R * D), acc(R * D), mx(R), l(R), sc(bs);
+    std::vector<float> qf(R * D), acc(R * D), mx(R), l(R), sc(4 * bs);  // sc: kPvRows rows of scores
     std::vector<float> kf(direct_k ? 0 : bs * row_elems), vf(direct_v ? 0 : bs * row_elems);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
@@ -539,26 +588,36 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
           if constexpr (!direct_v)
             for (int64_t e = 0; e < span; ++e) vf[j * span + e] = ld(v_cache + base + j * row_elems, e);
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t visible = std::min(n, p0 + r / qh - blk * bs + 1);  // causal: keys <= position
+        // Rows r0 .. r0 + G - 1 are the G query heads of one kv head at one query position:
+        // same visible keys, same values; they go through the PV update kPvRows at a time.
+        for (int64_t r0 = 0; r0 < rows; r0 += G) {
+          const int64_t visible = std::min(n, p0 + r0 / qh - blk * bs + 1);  // causal: keys <= position
           if (visible <= 0) continue;
-          const int64_t kv = ((r % qh) / G) * D;  // this row's head inside a slot of kf / vf
-          float* s = sc.data();
+          const int64_t kv = ((r0 % qh) / G) * D;  // this kv head inside a slot of kf / vf
           const float* kf_row = direct_k ? nullptr : kf.data() + kv;  // the float copies are empty when direct
           const float* vf_row = direct_v ? nullptr : vf.data() + kv;
-          block_scores<T, DC>(q + row_of(r) * D, qf.data() + r * D, k_cache + base + kv, row_elems, kf_row, span, visible,
-                              D, scale, s);
-          float bmax = -INFINITY;
-          for (int64_t j = 0; j < visible; ++j) bmax = s[j] > bmax ? s[j] : bmax;
-          const float m_new = mx[r] > bmax ? mx[r] : bmax;
-          const float corr = exp_f32(mx[r] - m_new);  // 0 on the first block (mx = -inf, clamped)
-          for (int64_t j = 0; j < visible; ++j) s[j] -= m_new;
-          exp_inplace(s, visible);
-          float psum = 0.f;
-          for (int64_t j = 0; j < visible; ++j) psum += s[j];
-          mx[r] = m_new;
-          l[r] = l[r] * corr + psum;
-          accumulate_pv<T, DC>(&acc[r * D], corr, s, v_cache + base + kv, row_elems, vf_row, span, visible, D);
+          for (int64_t c0 = 0; c0 < G; c0 += kPvRows<DC>()) {
+            const int64_t nr = std::min(kPvRows<DC>(), G - c0);
+            float corr[4];
+            for (int64_t g = 0; g < nr; ++g) {
+              const int64_t r = r0 + c0 + g;
+              float* s = sc.data() + g * bs;
+              block_scores<T, DC>(q + row_of(r) * D, qf.data() + r * D, k_cache + base + kv, row_elems, kf_row, span,
+                                  visible, D, scale, s);
+              float bmax = -INFINITY;
+              for (int64_t j = 0; j < visible; ++j) bmax = s[j] > bmax ? s[j] : bmax;
+              const float m_new = mx[r] > bmax ? mx[r] : bmax;
+              corr[g] = exp_f32(mx[r] - m_new);  // 0 on the first block (mx = -inf, clamped)
+              for (int64_t j = 0; j < visible; ++j) s[j] -= m_new;
+              exp_inplace(s, visible);
+              float psum = 0.f;
+              for (int64_t j = 0; j < visible; ++j) psum += s[j];
+              mx[r] = m_new;
+              l[r] = l[r] * corr[g] + psum;
+            }
+            accumulate_pv_n<T, DC>(nr, &acc[(r0 + c0) * D], D, corr, sc.data(), bs, v_cache + base + kv, row_elems,
+                                   vf_row, span, visible, D);
+          }
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
