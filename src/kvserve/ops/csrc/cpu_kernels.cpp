@@ -227,25 +227,32 @@ void argmax_rows(const T* x, int64_t* out, int64_t rows, int64_t cols, int64_t s
 #pragma omp parallel for schedule(static) if (rows * cols > 65536)
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = x + r * stride;
-    constexpr int64_t C = 1024;
-    float buf[C];
-    float best = -INFINITY;
-    int64_t best_i = 0;
-    for (int64_t c0 = 0; c0 < cols; c0 += C) {
-      const int64_t n = std::min(C, cols - c0);
-      float m = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) buf[j] = ld(row, c0 + j);
-      for (int64_t j = 0; j < n; ++j) m = buf[j] > m ? buf[j] : m;  // vectorized max of the chunk
-      if (m > best) {  // strictly greater: an earlier chunk keeps ties
-        for (int64_t j = 0; j < n; ++j)
-          if (buf[j] == m) {
-            best_i = c0 + j;
-            break;
-          }
-        best = m;
-      }
+    float m = -INFINITY;
+    int64_t j = 0;
+#ifdef __AVX512F__
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (; j + 16 <= cols; j += 16) mv = _mm512_max_ps(mv, load16(row + j));
+    m = _mm512_reduce_max_ps(mv);
+#endif
+    for (; j < cols; ++j) {
+      const float v = ld(row, j);
+      m = v > m ? v : m;
     }
-    out[r] = best_i;
+    int64_t best = 0;  // then the first index holding the maximum
+    j = 0;
+#ifdef __AVX512F__
+    const __m512 mb = _mm512_set1_ps(m);
+    for (; j + 16 <= cols; j += 16) {
+      const __mmask16 hit = _mm512_cmp_ps_mask(load16(row + j), mb, _CMP_EQ_OQ);
+      if (hit) break;
+    }
+#endif
+    for (; j < cols; ++j)
+      if (ld(row, j) == m) {
+        best = j;
+        break;
+      }
+    out[r] = best;
   }
 }
 
@@ -270,7 +277,13 @@ void sample_rows(const T* x, int64_t* out, int64_t rows, int64_t cols, int64_t s
     for (int64_t r = 0; r < rows; ++r) {
       const T* row = x + r * stride;
       float m = -INFINITY;
-      for (int64_t j = 0; j < cols; ++j) {
+      int64_t j = 0;
+#ifdef __AVX512F__
+      __m512 mv = _mm512_set1_ps(-INFINITY);
+      for (; j + W <= cols; j += W) mv = _mm512_max_ps(mv, load16(row + j));
+      m = _mm512_reduce_max_ps(mv);
+#endif
+      for (; j < cols; ++j) {
         const float v = ld(row, j);
         m = v > m ? v : m;
       }
@@ -307,12 +320,8 @@ void sample_rows(const T* x, int64_t* out, int64_t rows, int64_t cols, int64_t s
       }
       const double target = u[r] * total;
       double run = 0.0;
-      int64_t pick = -1, last_positive = 0;
+      int64_t pick = -1;
       for (int64_t b = 0; b < nb && pick < 0; ++b) {
-        if (bsum[b] > 0.0f) {
-          for (int64_t j = b * W; j < b * W + W; ++j)
-            if (e[j] > 0.0f) last_positive = j;
-        }
         if (run + bsum[b] <= target) {
           run += bsum[b];
           continue;
@@ -327,7 +336,11 @@ void sample_rows(const T* x, int64_t* out, int64_t rows, int64_t cols, int64_t s
         }
         run += bsum[b];  // rounding left the target past this block: go on
       }
-      out[r] = pick >= 0 ? pick : last_positive;
+      if (pick < 0) {  // rounding put the target past the end: the last token with weight
+        pick = cols - 1;
+        while (pick > 0 && !(e[pick] > 0.0f)) --pick;
+      }
+      out[r] = pick;
     }
   }
 }
