@@ -480,6 +480,23 @@ inline void accumulate_pv(float* a, float corr, const float* p, const T* v_direc
   }
 }
 
+#ifdef __AVX512F__
+// One block of 16 scores s[0..visible) (visible <= 16): s <- exp(s - m_new) (0 past visible),
+// m <- m_new = max(m, max s), l <- l * corr + sum s; returns corr = exp(m_old - m_new).
+inline float online_softmax16(float* s, int64_t visible, float& m, float& l) {
+  const __mmask16 k = static_cast<__mmask16>((1u << visible) - 1u);
+  const __m512 v = _mm512_maskz_loadu_ps(k, s);
+  const float bmax = _mm512_mask_reduce_max_ps(k, v);
+  const float m_new = m > bmax ? m : bmax;
+  const float corr = exp_f32(m - m_new);  // 0 on the first block (m = -inf, clamped)
+  const __m512 p = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(v, _mm512_set1_ps(m_new))));
+  _mm512_storeu_ps(s, p);
+  l = l * corr + _mm512_reduce_add_ps(p);
+  m = m_new;
+  return corr;
+}
+#endif
+
 // Rows that read the same kv head at the same position (GQA's query heads of one kv head) share each
 // value vector: accumulate_pv for nr of them at once, loading (and converting) v_j once.
 // Rows per call: as many as keep the accumulators in registers (4 x 4 at D = 64, 2 x 8 at D = 128).
@@ -617,6 +634,12 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
               float* s = sc.data() + g * bs;
               block_scores<T, DC>(q + row_of(r) * D, qf.data() + r * D, k_cache + base + kv, row_elems, kf_row, span,
                                   visible, D, scale, s);
+#ifdef __AVX512F__
+              if (bs == 16) {  // the online-softmax update of one block in one vector
+                corr[g] = online_softmax16(s, visible, mx[r], l[r]);
+                continue;
+              }
+#endif
               float bmax = -INFINITY;
               for (int64_t j = 0; j < visible; ++j) bmax = s[j] > bmax ? s[j] : bmax;
               const float m_new = mx[r] > bmax ? mx[r] : bmax;
