@@ -244,3 +244,19 @@ def test_mixed_batch_in_one_call():
     assert sampled[3:] == [ids[1], ids[5], ids[1]]
     assert out.logprobs.shape == (6, 2)
     assert math.isclose(out.logprobs[2, 1].exp().item(), 0.4, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 8.0])  # flat rows reach past the partial widths, peaked ones do not
+def test_partial_top_k_top_p_keeps_the_same_tokens_as_the_full_sort(scale):
+    from kvserve.worker.sampler import _top_k_top_p_sorted, apply_top_k_top_p
+
+    torch.manual_seed(0)
+    vocab = 6000
+    logits = torch.randn(12, vocab) * scale
+    top_k = torch.tensor([vocab, 1, 5, 50, 300, 5000, vocab, vocab, 40, 2, vocab, 256])
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.95, 1.0, 0.99, 0.3, 1.0, 0.8, 0.7, 0.999, 0.6])
+    for k, p in ((top_k, None), (None, top_p), (top_k, top_p), (top_k[5:6], top_p[5:6])):
+        rows = logits[: (k if k is not None else p).shape[0]]
+        fast, ref = apply_top_k_top_p(rows, k, p), _top_k_top_p_sorted(rows, k, p)
+        assert torch.equal(fast.isfinite(), ref.isfinite())
+        assert torch.equal(fast[fast.isfinite()], rows[fast.isfinite()])  # kept logits unchanged

@@ -141,7 +141,50 @@ def apply_top_k_top_p(
     the smallest most-likely set whose cumulative prob >= top_p (always at least one token).
 
     logits: [B, V]; top_k: [B] int64 in [1, V]; top_p: [B] float32 in (0, 1].
+    On a CPU, a partial top-k of each row's largest logits decides both filters when the kept sets
+    fit in it (B=64, V=49,152: topk(256) 5 ms, topk(4096) 15 ms, the full sort 90 ms).
     """
+    if logits.device.type == "cpu":
+        for width in _PARTIAL_WIDTHS:
+            kept = _top_k_top_p_partial(logits, top_k, top_p, width)
+            if kept is not None:
+                return kept
+    return _top_k_top_p_sorted(logits, top_k, top_p)
+
+
+_PARTIAL_WIDTHS = (256, 4096)  # tried in turn before the full sort
+
+
+def _top_k_top_p_partial(
+    logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor], width: int
+) -> Optional[torch.Tensor]:
+    """apply_top_k_top_p from the `width` largest logits of each row, or None when some row's kept
+    set may reach past them. A token stays when its logit is >= its row's cutoff logit."""
+    vocab = logits.shape[-1]
+    width = min(width, vocab)
+    if top_k is not None and int(top_k.max()) > width:
+        return None
+    top = logits.topk(width, dim=-1).values  # [B, width], descending
+    if top_k is not None:
+        kth = top.gather(1, top_k[:, None] - 1)  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+        top = top.masked_fill(top < kth, float("-inf"))
+    if top_p is not None:
+        # A token stays while the more likely tokens before it hold < top_p of the probability.
+        probs = (top - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()  # [B, width]
+        before = probs.cumsum(dim=-1) - probs  # [B, width]: exclusive cumulative prob
+        if width < vocab and bool((before[:, -1] + probs[:, -1] < top_p).any()):
+            return None  # some row keeps tokens past the width
+        num_kept = (before < top_p[:, None]).sum(dim=-1).clamp_(min=1)  # [B]
+        cutoff = top.gather(1, num_kept[:, None] - 1)  # [B, 1]
+        logits = logits.masked_fill(logits < cutoff, float("-inf"))
+    return logits
+
+
+def _top_k_top_p_sorted(
+    logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """The reference: one full sort of each row."""
     sorted_logits, order = logits.sort(dim=-1)  # [B, V] ascending
     if top_k is not None:
         kth_largest = sorted_logits.gather(1, (logits.shape[-1] - top_k)[:, None])  # [B, 1]
