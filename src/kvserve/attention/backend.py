@@ -4,8 +4,8 @@ KV cache layout per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (
 A backend first writes this step's k/v at meta.slot_mapping, then attends each query row to its
 request's context read through meta.block_tables, causally (query i of request b sits at position
 seq_lens[b] - query_len[b] + i). All layers see the same metadata; `prepare` runs once per step.
-The runner zeroes each block before its first use: slots never written hold finite values, so a
-backend may read whole blocks and mask the unused tail.
+A backend that reads whole blocks and masks the unused tail sets needs_zeroed_blocks: the runner
+then zeroes each block before its first use, so that slots never written hold finite values.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from kvserve.attention.metadata import AttentionMetadata
 
 class AttentionBackend(ABC):
     name: str = "abstract"
+    needs_zeroed_blocks: bool = True  # False: never reads a slot past a request's context
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Precompute per-step state into meta.backend_state (called once per step, before the forward)."""

@@ -45,6 +45,9 @@ class _CpuPlan:
 
 class CpuAttentionBackend(AttentionBackend):
     name = "cpu"
+    # The kernel reads only slots inside each context; the reference's whole-block gathers for
+    # context chunks replace the rest by 0. So blocks need no zeroing on first use.
+    needs_zeroed_blocks = False
 
     def __init__(self, min_cascade_tokens: int = 256, min_cascade_requests: int = 4) -> None:
         # Below these sizes the per-request kernel reads the shared blocks cheaply enough.
@@ -64,7 +67,7 @@ class CpuAttentionBackend(AttentionBackend):
         meta.backend_state = _CpuPlan(
             decode_reqs=torch.tensor(decode, dtype=torch.long),
             fresh=fresh,
-            context=build_group(meta, context) if context and cascade is None else None,
+            context=build_group(meta, context, unwritten_may_be_nan=True) if context and cascade is None else None,
             cascade=cascade,
         )
 

@@ -11,6 +11,7 @@ is why the cache must hold finite values there (the runner zeroes blocks on firs
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +27,12 @@ class Group:
     mask: torch.Tensor  # [B, 1, Qmax, nblk * block_size] True where query may attend
     valid: torch.Tensor  # [B * Qmax] bool, real (non-padding) query rows
     out_rows: torch.Tensor  # [n_valid] packed row each real query writes to
+    # [B, 1, nblk * block_size, 1] True at slots inside each context; set when the cache may hold
+    # NaN in slots never written (blocks not zeroed), which the gathered K/V then replace by 0.
+    written: Optional[torch.Tensor] = None
 
 
-def build_group(meta: AttentionMetadata, reqs: list[int]) -> Group:
+def build_group(meta: AttentionMetadata, reqs: list[int], unwritten_may_be_nan: bool = False) -> Group:
     device = meta.slot_mapping.device
     bs = meta.block_size
     qlens = torch.tensor([meta.query_lens[b] for b in reqs], dtype=torch.long)
@@ -56,6 +60,7 @@ def build_group(meta: AttentionMetadata, reqs: list[int]) -> Group:
         mask=mask[:, None].to(device),
         valid=valid.to(device),
         out_rows=q_rows.reshape(-1)[valid].to(device),
+        written=(j[None, :] < slens[:, None])[:, None, :, None].to(device) if unwritten_may_be_nan else None,
     )
 
 
@@ -93,6 +98,8 @@ def attend_group(g: Group, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.T
     blocks = g.block_ids.flatten()
     kg = kv_cache[0].index_select(0, blocks).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, K, D]
     vg = kv_cache[1].index_select(0, blocks).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
+    if g.written is not None:  # masked scores still multiply NaN values: 0 * NaN = NaN
+        kg, vg = kg.masked_fill(~g.written, 0), vg.masked_fill(~g.written, 0)
     o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=True)
     o = o.transpose(1, 2).reshape(-1, q.shape[1], head_dim)  # [B * Qmax, Hq, D]
     out[g.out_rows] = o[g.valid]

@@ -69,8 +69,8 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One [2, num_blocks, block_size, Hkv, D] tensor per layer, left uninitialised: touching
-        gigabytes up front costs seconds of page faults at start-up. Attention may read a block's
-        unwritten tail (masked out), which must not hold NaN, so each block is zeroed on first use."""
+        gigabytes up front costs seconds of page faults at start-up. A backend that reads a block's
+        unwritten tail (masked out) needs it free of NaN: then each block is zeroed on first use."""
         m, bs = self.config.model, self.config.cache.block_size
         shape = (2, num_blocks, bs, m.num_key_value_heads, m.head_dim)
         self.kv_caches = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.attn_layers]
@@ -83,7 +83,8 @@ class ModelRunner:
         self.input_batch.apply(sched_out)
         if sched_out.is_empty:
             return ModelRunnerOutput()
-        self._zero_fresh_blocks(sched_out)
+        if self.backend.needs_zeroed_blocks:
+            self._zero_fresh_blocks(sched_out)
         batch = self.input_batch.build(sched_out)
         meta = build_attention_metadata(
             batch.query_lens, batch.seq_lens, batch.block_tables, self.config.cache.block_size, self.device
