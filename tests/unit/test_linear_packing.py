@@ -56,3 +56,37 @@ def test_tied_lm_head_packs_a_copy_and_keeps_the_embedding():
     head.process_weights_after_loading()
     assert torch.equal(head(hidden), expected)
     assert not emb.weight.is_mkldnn and torch.equal(emb(torch.tensor([5])), emb.weight[5:6])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_batches_of_one_or_two_rows_stream_the_kept_plain_weight(rows, monkeypatch):
+    from kvserve.ops import cpu_ops
+
+    torch.manual_seed(0)
+    layer = MergedColumnParallelLinear(576, [1536, 1536], bias=False, dtype=torch.bfloat16)
+    layer.weight.data.normal_()
+    x = torch.randn(rows, 576).bfloat16()
+    expected = torch.nn.functional.linear(x.float(), layer.weight.float())
+    layer.linear_method.process_weights_after_loading(layer, keep_unpacked=True)
+    assert layer.weight.is_mkldnn and layer.unpacked_weight.shape == (3072, 576)
+    calls = []
+    small_matmul = cpu_ops.small_matmul
+    monkeypatch.setattr(cpu_ops, "small_matmul", lambda *a: calls.append(1) or small_matmul(*a))
+    out = layer(x)
+    assert len(calls) == (1 if rows <= cpu_ops.SMALL_MATMUL_MAX_ROWS else 0)
+    # float32 accumulation in another order, then one rounding to bf16: within one bf16 ulp
+    torch.testing.assert_close(out.float(), expected, rtol=2**-7, atol=1e-2)
+
+
+def test_small_lm_head_batches_match_the_packed_matmul():
+    from kvserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+
+    torch.manual_seed(0)
+    emb = VocabParallelEmbedding(1024, 64, dtype=torch.bfloat16)
+    emb.weight.data.normal_()
+    head = ParallelLMHead(1024, 64, dtype=torch.bfloat16, tied_embedding=emb)
+    head.process_weights_after_loading()
+    assert head._small_matmul
+    hidden = torch.randn(2, 64).bfloat16()
+    expected = torch.nn.functional.linear(hidden.float(), emb.weight.float())
+    torch.testing.assert_close(head(hidden).float(), expected, rtol=2**-7, atol=1e-2)

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from kvserve import host_memory
 from kvserve.config import ModelConfig
 from kvserve.layers.embedding import ParallelLMHead
 from kvserve.layers.linear import LinearMethod
@@ -38,14 +39,25 @@ def load_model(config: ModelConfig, device: str | torch.device = "cpu") -> nn.Mo
     progress = tqdm(weights, total=num_tensors, desc="Loading weights", unit="tensor", leave=False)
     with torch.no_grad():
         load_weights(model, progress)
+    keep_unpacked = _room_for_second_copy(model)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.init_cache()  # allocated uninitialised, like the weights
         if isinstance(getattr(module, "linear_method", None), LinearMethod):
-            module.linear_method.process_weights_after_loading(module)
+            module.linear_method.process_weights_after_loading(module, keep_unpacked=keep_unpacked)
         elif isinstance(module, ParallelLMHead):
             module.process_weights_after_loading()
     return model.eval()
+
+
+def _room_for_second_copy(model: nn.Module) -> bool:
+    """Whether a layer may keep its weight in two layouts (e.g. oneDNN-packed for large batches and
+    plain for the batch 1-2 kernel): only when all the weights take at most a tenth of the memory
+    available now, so that a big model is never doubled."""
+    if next(model.parameters()).device.type != "cpu":
+        return False
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weight_bytes <= 0.1 * host_memory.available_bytes()
 
 
 def _default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:

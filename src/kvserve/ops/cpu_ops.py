@@ -94,6 +94,28 @@ def sample_rows(x: torch.Tensor, inv_temperature: torch.Tensor, uniforms: torch.
     return out
 
 
+SMALL_MATMUL_MAX_ROWS = 2  # from 4 rows on, oneDNN's packed matmul measured as fast or faster in the model
+
+
+def small_matmul_applies(weight: torch.Tensor) -> bool:
+    """Whether small_matmul can multiply by this [N, K] weight (bf16 CPU, contiguous, shape the kernel takes)."""
+    if _code(weight) != 1 or weight.dim() != 2 or not weight.is_contiguous():
+        return False
+    return bool(cpu_build.load().kv_small_matmul_supported(weight.shape[1], weight.shape[0]))
+
+
+def small_matmul(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """x: [M, K] @ weight [N, K]^T -> [M, N], for M <= SMALL_MATMUL_MAX_ROWS (decode at small batch);
+    weight must pass small_matmul_applies. None when x does not fit (then the caller's matmul runs)."""
+    if x.dim() != 2 or x.shape[0] > SMALL_MATMUL_MAX_ROWS or x.shape[0] == 0 or _code(x, weight) != 1:
+        return None
+    if not x.is_contiguous() or x.shape[1] != weight.shape[1]:
+        return None
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    cpu_build.load().kv_small_matmul_bf16(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), weight.shape[0], out.data_ptr())
+    return out
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, Hq, D]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from kvserve import host_memory
 from kvserve.attention import get_attention_backend
 from kvserve.attention.metadata import build_attention_metadata
 from kvserve.config import EngineConfig
@@ -179,9 +180,7 @@ class ModelRunner:
 def _available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as f:
-        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-    return info.get("MemAvailable", info["MemTotal"])
+    return host_memory.available_bytes()
 
 
 def _to_host(results: dict, device: torch.device) -> dict:
