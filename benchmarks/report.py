@@ -132,10 +132,11 @@ Latest run of `make bench-compare` (benchmarks/compare.py); each run overwrites 
 How each number is taken:
 - (a), (b): offline, `kvserve bench throughput` and `vllm bench throughput --dataset-name random`
   (`--random-prefix-len 1024` for (b)); ignore_eos; the timer covers the batch only, not start-up.
-  Both warm up on 2 prompts first. vLLM's offline bench samples with temperature 1.0, kvserve's is greedy.
+  Both warm up on 2 prompts first. Both sample at temperature 1.0, top_p 1 (vLLM's fixed setting, kvserve's default).
 - (c): each engine's OpenAI server, loaded by the same client, `vllm bench serve --backend openai
   --dataset-name random --random-input-len 256 --random-output-len 128 --ignore-eos --max-concurrency C`,
-  on the same 2 cores as the server. TPOT excludes the first token.
+  on the same 2 cores as the server. TPOT excludes the first token. The client sends no temperature:
+  both servers sample at their default, 1.0.
 - (d): from launching `kvserve serve` / `vllm serve` to the first answered 1-token completion. "Fresh
   caches": vLLM's compile caches (VLLM_CACHE_ROOT, TORCHINDUCTOR_CACHE_DIR) point at empty folders, as
   on a new machine; "warm caches": the launch of (c), after (a) and (b) filled them. The OS page cache

@@ -6,7 +6,7 @@
    one token by inverse CDF from one uniform per row (seeded rows draw it from their own generator,
    so their samples do not depend on the rest of the batch).
 
-Everything stays on the logits' device with no host sync (the runner does one transfer per step),
+Everything stays on the logits' device with no host sync on a GPU (the runner does one transfer per step),
 and the input logits are never modified.
 """
 from __future__ import annotations
