@@ -118,3 +118,21 @@ def test_sample_rows_draws_the_softmax_distribution():
     keep = expected > 0
     chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
     assert chi2 < 45.3  # chi-square, 17 degrees of freedom, p = 0.001
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_cache_matches_index_copy_from_strided_qkv_rows(dtype):
+    from kvserve.attention.torch_ref import write_kv_cache
+
+    torch.manual_seed(0)
+    t, hq, hkv, d, num_blocks, bs = 37, 6, 2, 64, 12, 16
+    qkv = torch.randn(t, (hq + 2 * hkv) * d).to(dtype)
+    _, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    k, v = k.view(t, hkv, d), v.view(t, hkv, d)  # strided rows, as the attention layer passes them
+    slots = torch.randperm(num_blocks * bs)[:t]
+    expected = torch.full((2, num_blocks, bs, hkv, d), float("nan"), dtype=dtype)
+    cache = expected.clone()
+    write_kv_cache(k, v, expected, slots)
+    assert cpu_ops.write_kv_cache(k, v, cache, slots)
+    assert torch.equal(cache.isnan(), expected.isnan())
+    assert torch.equal(cache.nan_to_num(), expected.nan_to_num())

@@ -95,7 +95,8 @@ class CpuAttentionBackend(AttentionBackend):
         if meta.backend_state is None:
             self.prepare(meta)
         plan = meta.backend_state
-        write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+        if not cpu_ops.write_kv_cache(k, v, kv_cache, meta.slot_mapping):
+            write_kv_cache(k, v, kv_cache, meta.slot_mapping)
         q = q.contiguous()
         out = torch.empty_like(q)
         if plan.cascade is not None:

@@ -65,6 +65,25 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, head_dim: i
     return True
 
 
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+    """k, v: [T, Hkv, D] (rows may be strided views of the qkv output) -> slots slot_mapping [T] of
+    kv_cache [2, num_blocks, block_size, Hkv, D]. False (nothing written) when the kernel does not apply."""
+    code = _code(k, v, kv_cache)
+    if code is None or not kv_cache.is_contiguous() or k.shape != v.shape or k.shape[1:] != kv_cache.shape[3:]:
+        return False
+    row = k.shape[1] * k.shape[2]
+    for t in (k, v):
+        if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
+            return False
+    if slot_mapping.dtype != torch.int64 or slot_mapping.device.type != "cpu" or not slot_mapping.is_contiguous():
+        return False
+    cpu_build.load().kv_write_kv(
+        code, k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
+        slot_mapping.data_ptr(), k.shape[0], row,
+    )  # fmt: skip
+    return True
+
+
 def argmax_rows(x: torch.Tensor) -> Optional[torch.Tensor]:
     """x: [N, V] (rows may be strided, e.g. a vocab slice) -> [N] int64, first index of each row's max."""
     code = _code(x)

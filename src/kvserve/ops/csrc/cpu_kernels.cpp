@@ -237,6 +237,20 @@ void rotary(T* q, T* k, const float* cos_sin, int64_t rows, int64_t Hq, int64_t 
   }
 }
 
+// ---- KV cache write: this step's keys and values into their slots ---------------------------
+// k, v: T rows of `row` elements (Hkv * D) at row strides k_stride / v_stride (views of the fused
+// qkv output); row t goes to slot slots[t] of k_cache / v_cache ([num_slots, row], contiguous).
+// One pass, no contiguous copy of k or v first (index_copy_ makes one for strided sources).
+template <typename T>
+void write_kv(const T* k, const T* v, int64_t k_stride, int64_t v_stride, T* k_cache, T* v_cache,
+              const int64_t* slots, int64_t rows, int64_t row) {
+#pragma omp parallel for schedule(static) if (rows * row > 65536)
+  for (int64_t t = 0; t < rows; ++t) {
+    std::memcpy(k_cache + slots[t] * row, k + t * k_stride, row * sizeof(T));
+    std::memcpy(v_cache + slots[t] * row, v + t * v_stride, row * sizeof(T));
+  }
+}
+
 // ---- Greedy sampling: argmax of each row ----------------------------------------------------
 // x: [rows, cols] at row stride `stride`; out[r] = first index of the row's maximum (torch.argmax).
 // NaN compares false and is skipped (torch would return it; logits never hold NaN unless broken).
@@ -762,6 +776,16 @@ void kv_rotary(int dtype, void* q, void* k, const float* cos_sin, int64_t rows, 
     rotary(static_cast<bf16*>(q), static_cast<bf16*>(k), cos_sin, rows, Hq, Hk, D, q_stride, k_stride);
   else
     rotary(static_cast<float*>(q), static_cast<float*>(k), cos_sin, rows, Hq, Hk, D, q_stride, k_stride);
+}
+
+void kv_write_kv(int dtype, const void* k, const void* v, int64_t k_stride, int64_t v_stride, void* k_cache,
+                 void* v_cache, const int64_t* slots, int64_t rows, int64_t row) {
+  if (dtype == 1)
+    write_kv(static_cast<const bf16*>(k), static_cast<const bf16*>(v), k_stride, v_stride, static_cast<bf16*>(k_cache),
+             static_cast<bf16*>(v_cache), slots, rows, row);
+  else
+    write_kv(static_cast<const float*>(k), static_cast<const float*>(v), k_stride, v_stride,
+             static_cast<float*>(k_cache), static_cast<float*>(v_cache), slots, rows, row);
 }
 
 void kv_argmax_rows(int dtype, const void* x, int64_t* out, int64_t rows, int64_t cols, int64_t stride) {
