@@ -103,8 +103,9 @@ def sample_rows(x: torch.Tensor, inv_temperature: torch.Tensor, uniforms: torch.
         return None
     if inv_temperature.dtype != torch.float32 or uniforms.dtype != torch.float64:
         return None
-    if any(t.device.type != "cpu" or not t.is_contiguous() or t.shape != x.shape[:1] for t in (inv_temperature, uniforms)):
-        return None
+    for t in (inv_temperature, uniforms):
+        if t.device.type != "cpu" or not t.is_contiguous() or t.shape != x.shape[:1]:
+            return None
     out = torch.empty(x.shape[0], dtype=torch.long)
     cpu_build.load().kv_sample_rows(
         code, x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0),

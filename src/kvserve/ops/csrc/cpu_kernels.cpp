@@ -253,7 +253,8 @@ void write_kv(const T* k, const T* v, int64_t k_stride, int64_t v_stride, T* k_c
 
 // ---- Greedy sampling: argmax of each row ----------------------------------------------------
 // x: [rows, cols] at row stride `stride`; out[r] = first index of the row's maximum (torch.argmax).
-// NaN compares false and is skipped (torch would return it; logits never hold NaN unless broken).
+// A row holding NaN gets an unspecified index (torch returns the NaN's; logits never hold NaN
+// unless the model is broken).
 template <typename T>
 void argmax_rows(const T* x, int64_t* out, int64_t rows, int64_t cols, int64_t stride) {
 #pragma omp parallel for schedule(static) if (rows * cols > 65536)
@@ -322,11 +323,7 @@ void sample_rows(const T* x, int64_t* out, int64_t rows, int64_t cols, int64_t s
       const float it = inv_temp[r];
       if (it == 0.0f || m == -INFINITY) {  // greedy (or nothing drawable: token 0, as argmax)
         int64_t best = 0;
-        for (int64_t j = 0; j < cols; ++j)
-          if (ld(row, j) == m) {
-            best = j;
-            break;
-          }
+        while (best < cols - 1 && !(ld(row, best) == m)) ++best;
         out[r] = best;
         continue;
       }
@@ -383,9 +380,10 @@ void sample_rows(const T* x, int64_t* out, int64_t rows, int64_t cols, int64_t s
 // q, out: [T, Hq, D]; k_cache, v_cache: [num_blocks, bs, Hk, D]. Online softmax over blocks, so
 // nothing of size context is materialised. A work item is (request, query tile, kv heads h0..h1):
 // each block's [bs, h0..h1, D] keys and values serve every query row and every head sharing them
-// (GQA), read straight from the cache on AVX-512 (else through float copies). The next block is prefetched while one is computed: in the model the
-// cache streams from DRAM (decode step, default model: B=64 87 -> 78 ms, B=256 276 -> 241 ms);
-// a non-temporal hint (to spare the weights in L3) measured slower (112 ms at B=64).
+// (GQA), read straight from the cache on AVX-512 (else through float copies). The next block is
+// prefetched while one is computed: in the model the cache streams from DRAM (decode step, default
+// model: B=64 87 -> 78 ms, B=256 276 -> 241 ms); a non-temporal hint (to spare the weights in L3)
+// measured slower (112 ms at B=64).
 // Cascade: with skip_blocks > 0 the blocks before it are not read; each row instead starts from
 // init_out (its attention output over those blocks, [T, Hq, D]) and init_lse ([T, Hq], the
 // natural-log sum of exp of its scaled scores there), i.e. the online-softmax state (lse, 1, out).
@@ -570,12 +568,15 @@ template <typename T, int64_t DC>
 inline void accumulate_pv_n(int64_t nr, float* a, int64_t a_stride, const float* corr, const float* p,
                             int64_t p_stride, const T* v_direct, int64_t slot_stride, const float* vf,
                             int64_t v_stride, int64_t visible, int64_t D) {
+#define KV_PV_ROWS(NR) \
+  accumulate_pv_rows<T, DC, NR>(a, a_stride, corr, p, p_stride, v_direct, slot_stride, vf, v_stride, visible, D)
   switch (nr) {  // nr <= kPvRows<DC>() <= 4
-    case 4: accumulate_pv_rows<T, DC, 4>(a, a_stride, corr, p, p_stride, v_direct, slot_stride, vf, v_stride, visible, D); break;
-    case 3: accumulate_pv_rows<T, DC, 3>(a, a_stride, corr, p, p_stride, v_direct, slot_stride, vf, v_stride, visible, D); break;
-    case 2: accumulate_pv_rows<T, DC, 2>(a, a_stride, corr, p, p_stride, v_direct, slot_stride, vf, v_stride, visible, D); break;
-    default: accumulate_pv_rows<T, DC, 1>(a, a_stride, corr, p, p_stride, v_direct, slot_stride, vf, v_stride, visible, D);
+    case 4: KV_PV_ROWS(4); break;
+    case 3: KV_PV_ROWS(3); break;
+    case 2: KV_PV_ROWS(2); break;
+    default: KV_PV_ROWS(1);
   }
+#undef KV_PV_ROWS
 }
 
 template <typename T, int64_t DC>
