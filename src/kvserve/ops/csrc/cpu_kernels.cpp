@@ -606,6 +606,9 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
     // Float copies of keys / values only where the score / PV paths read them (not on AVX-512).
     constexpr bool direct_k = kDirectKeys<T, DC>(), direct_v = kDirectValues<DC>();
     std::vector<float> qf(R * D), acc(R * D), mx(R), l(R), sc(4 * bs);  // sc: kPvRows rows of scores
+    // Per item, computed once (integer division is slow in the block loop): row r's index in the
+    // [T, Hq] layout, and for each group of G rows its query index and kv head offset in a slot.
+    std::vector<int64_t> row_idx(R), group_query(R / G), group_kv(R / G);
     std::vector<float> kf(direct_k ? 0 : bs * row_elems), vf(direct_v ? 0 : bs * row_elems);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
@@ -617,7 +620,12 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
       const int64_t nkeys = p0 + nq;       // keys 0 .. last query's position
       // Row r = (query r / qh, q head h0 * G + r % qh), which reads kv head h0 + (r % qh) / G;
       // row_of(r) is its index in the [T, Hq] layout of q, out, init_out and init_lse.
-      auto row_of = [&](int64_t r) { return (qstart[b] + t0 + r / qh) * Hq + h0 * G + r % qh; };
+      for (int64_t r = 0; r < rows; ++r) row_idx[r] = (qstart[b] + t0 + r / qh) * Hq + h0 * G + r % qh;
+      for (int64_t r0 = 0; r0 < rows; r0 += G) {
+        group_query[r0 / G] = r0 / qh;
+        group_kv[r0 / G] = ((r0 % qh) / G) * D;
+      }
+      auto row_of = [&](int64_t r) { return row_idx[r]; };
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = row_of(r);
         if constexpr (!direct_k)  // the direct path multiplies the raw query and scales the score
@@ -654,9 +662,9 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
         // Rows r0 .. r0 + G - 1 are the G query heads of one kv head at one query position:
         // same visible keys, same values; they go through the PV update kPvRows at a time.
         for (int64_t r0 = 0; r0 < rows; r0 += G) {
-          const int64_t visible = std::min(n, p0 + r0 / qh - blk * bs + 1);  // causal: keys <= position
+          const int64_t visible = std::min(n, p0 + group_query[r0 / G] - blk * bs + 1);  // causal: keys <= position
           if (visible <= 0) continue;
-          const int64_t kv = ((r0 % qh) / G) * D;  // this kv head inside a slot of kf / vf
+          const int64_t kv = group_kv[r0 / G];  // this kv head inside a slot of kf / vf
           const float* kf_row = direct_k ? nullptr : kf.data() + kv;  // the float copies are empty when direct
           const float* vf_row = direct_v ? nullptr : vf.data() + kv;
           for (int64_t c0 = 0; c0 < G; c0 += kPvRows<DC>()) {
