@@ -55,7 +55,8 @@ def render_load(load: dict[str, dict[str, dict]], threads: int) -> str:
     lines = [
         f"Background load: cores (of {threads}) kept busy by processes outside the benchmark while each "
         f"stage ran, hypervisor steal in brackets; ⚠ marks a stage above {NOISY_CORES} cores: rerun it on a "
-        "quiet machine before comparing.",
+        "quiet machine before comparing. Even on a quiet machine both engines' absolute numbers move by up to "
+        "~10% between runs (the host's memory bandwidth varies); compare ratios from one run.",
         "",
         "| stage | kvserve | vLLM |",
         "| --- | ---: | ---: |",
