@@ -96,11 +96,11 @@ class ParallelLMHead(VocabParallelEmbedding):
         """hidden: [N, D] -> logits [N, V] in the model dtype (a view when the vocab is padded)."""
         packed = getattr(self, "_packed", None)
         weight = self._tied[0].weight if self._tied else self.weight
-        logits = None
-        if getattr(self, "_small_matmul", False) and hidden.shape[0] <= cpu_ops.SMALL_MATMUL_MAX_ROWS:
-            logits = cpu_ops.small_matmul(hidden, weight)  # [N, V_pp]
-        if logits is None:
-            logits = onednn_linear(hidden, packed, None) if packed is not None else F.linear(hidden, weight)
+        if packed is not None:
+            unpacked = weight if self._small_matmul else None
+            logits = onednn_linear(hidden, packed, None, unpacked)  # [N, V_pp]
+        else:
+            logits = F.linear(hidden, weight)  # [N, V_pp]
         if self.tp_size > 1:
             shards = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(shards, logits)

@@ -69,12 +69,7 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def apply(self, layer, x, bias):
         if layer.weight.is_mkldnn:
-            unpacked = getattr(layer, "unpacked_weight", None)
-            if unpacked is not None and x.shape[0] <= cpu_ops.SMALL_MATMUL_MAX_ROWS:
-                out = cpu_ops.small_matmul(x, unpacked)
-                if out is not None:
-                    return out
-            return onednn_linear(x, layer.weight, bias)
+            return onednn_linear(x, layer.weight, bias, getattr(layer, "unpacked_weight", None))
         return F.linear(x, layer.weight, bias)
 
 
@@ -86,8 +81,16 @@ def pack_for_onednn(weight: torch.Tensor) -> Optional[torch.Tensor]:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
 
 
-def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x: [..., in] @ packed weight (from pack_for_onednn) -> [..., out]."""
+def onednn_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor], unpacked: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """x: [..., in] @ packed weight (from pack_for_onednn) -> [..., out]. unpacked: the same weight
+    in its plain layout (passing cpu_ops.small_matmul_applies), if kept: batches of at most
+    cpu_ops.SMALL_MATMUL_MAX_ROWS rows then stream it through cpu_ops.small_matmul instead."""
+    if unpacked is not None and bias is None and x.shape[0] <= cpu_ops.SMALL_MATMUL_MAX_ROWS:
+        out = cpu_ops.small_matmul(x, unpacked)
+        if out is not None:
+            return out
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
     return out.view(*x.shape[:-1], out.shape[-1])
 

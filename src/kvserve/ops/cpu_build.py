@@ -106,7 +106,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.kv_small_matmul_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr]
     lib.kv_small_matmul_supported.argtypes = [i64, i64]
     lib.kv_small_matmul_supported.restype = c_int
-    for f in (lib.kv_argmax_rows, lib.kv_sample_rows, lib.kv_write_kv, lib.kv_small_matmul_bf16, lib.kv_rms_norm, lib.kv_silu_and_mul, lib.kv_rotary, lib.kv_paged_attention):
+    void = (lib.kv_rms_norm, lib.kv_silu_and_mul, lib.kv_rotary, lib.kv_paged_attention, lib.kv_argmax_rows,
+            lib.kv_sample_rows, lib.kv_write_kv, lib.kv_small_matmul_bf16)  # fmt: skip
+    for f in void:
         f.restype = None
     return lib
 

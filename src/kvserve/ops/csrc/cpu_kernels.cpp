@@ -252,6 +252,37 @@ void write_kv(const T* k, const T* v, int64_t k_stride, int64_t v_stride, T* k_c
 }
 
 // ---- Greedy sampling: argmax of each row ----------------------------------------------------
+// Largest value of row[0..cols), vectorized on AVX-512.
+template <typename T>
+inline float row_max(const T* row, int64_t cols) {
+  float m = -INFINITY;
+  int64_t j = 0;
+#ifdef __AVX512F__
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  for (; j + 16 <= cols; j += 16) mv = _mm512_max_ps(mv, load16(row + j));
+  m = _mm512_reduce_max_ps(mv);
+#endif
+  for (; j < cols; ++j) {
+    const float v = ld(row, j);
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+// First index j with row[j] == m (0 when none: a row holding NaN).
+template <typename T>
+inline int64_t first_index_of(const T* row, int64_t cols, float m) {
+  int64_t j = 0;
+#ifdef __AVX512F__
+  const __m512 mb = _mm512_set1_ps(m);
+  for (; j + 16 <= cols; j += 16)
+    if (_mm512_cmp_ps_mask(load16(row + j), mb, _CMP_EQ_OQ)) break;
+#endif
+  for (; j < cols; ++j)
+    if (ld(row, j) == m) return j;
+  return 0;
+}
+
 // x: [rows, cols] at row stride `stride`; out[r] = first index of the row's maximum (torch.argmax).
 // A row holding NaN gets an unspecified index (torch returns the NaN's; logits never hold NaN
 // unless the model is broken).
@@ -260,32 +291,7 @@ void argmax_rows(const T* x, int64_t* out, int64_t rows, int64_t cols, int64_t s
 #pragma omp parallel for schedule(static) if (rows * cols > 65536)
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = x + r * stride;
-    float m = -INFINITY;
-    int64_t j = 0;
-#ifdef __AVX512F__
-    __m512 mv = _mm512_set1_ps(-INFINITY);
-    for (; j + 16 <= cols; j += 16) mv = _mm512_max_ps(mv, load16(row + j));
-    m = _mm512_reduce_max_ps(mv);
-#endif
-    for (; j < cols; ++j) {
-      const float v = ld(row, j);
-      m = v > m ? v : m;
-    }
-    int64_t best = 0;  // then the first index holding the maximum
-    j = 0;
-#ifdef __AVX512F__
-    const __m512 mb = _mm512_set1_ps(m);
-    for (; j + 16 <= cols; j += 16) {
-      const __mmask16 hit = _mm512_cmp_ps_mask(load16(row + j), mb, _CMP_EQ_OQ);
-      if (hit) break;
-    }
-#endif
-    for (; j < cols; ++j)
-      if (ld(row, j) == m) {
-        best = j;
-        break;
-      }
-    out[r] = best;
+    out[r] = first_index_of(row, cols, row_max(row, cols));
   }
 }
 
@@ -309,22 +315,9 @@ void sample_rows(const T* x, int64_t* out, int64_t rows, int64_t cols, int64_t s
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const T* row = x + r * stride;
-      float m = -INFINITY;
-      int64_t j = 0;
-#ifdef __AVX512F__
-      __m512 mv = _mm512_set1_ps(-INFINITY);
-      for (; j + W <= cols; j += W) mv = _mm512_max_ps(mv, load16(row + j));
-      m = _mm512_reduce_max_ps(mv);
-#endif
-      for (; j < cols; ++j) {
-        const float v = ld(row, j);
-        m = v > m ? v : m;
-      }
-      const float it = inv_temp[r];
-      if (it == 0.0f || m == -INFINITY) {  // greedy (or nothing drawable: token 0, as argmax)
-        int64_t best = 0;
-        while (best < cols - 1 && !(ld(row, best) == m)) ++best;
-        out[r] = best;
+      const float m = row_max(row, cols), it = inv_temp[r];
+      if (it == 0.0f || m == -INFINITY) {  // greedy (or nothing drawable: the first index, as argmax)
+        out[r] = first_index_of(row, cols, m);
         continue;
       }
       double total = 0.0;
@@ -471,7 +464,7 @@ constexpr bool kDirectKeys() {
 #endif
 }
 
-// Whether accumulate_pv reads values straight from the cache (then vf is not filled).
+// Whether accumulate_pv_rows reads values straight from the cache (then vf is not filled).
 template <int64_t DC>
 constexpr bool kDirectValues() {
 #ifdef __AVX512F__
@@ -481,26 +474,10 @@ constexpr bool kDirectValues() {
 #endif
 }
 
-// a[0..D) = a * corr + sum_j p[j] * v_j. With a compile-time D on AVX-512, v_j is read from the
-// cache (v_direct + j * slot_stride, any dtype, converted in registers, a in registers); else from
-// the float copy vf + j * v_stride.
-template <typename T, int64_t DC>
-inline void accumulate_pv(float* a, float corr, const float* p, const T* v_direct, int64_t slot_stride,
-                          const float* vf, int64_t v_stride, int64_t visible, int64_t D) {
-#ifdef __AVX512F__
-  if constexpr (kDirectValues<DC>()) {
-    __m512 av[DC / 16];
-    const __m512 c = _mm512_set1_ps(corr);
-    for (int64_t i = 0; i < DC / 16; ++i) av[i] = _mm512_mul_ps(_mm512_loadu_ps(a + 16 * i), c);
-    for (int64_t j = 0; j < visible; ++j) {
-      const __m512 pj = _mm512_set1_ps(p[j]);
-      const T* vj = v_direct + j * slot_stride;
-      for (int64_t i = 0; i < DC / 16; ++i) av[i] = _mm512_fmadd_ps(pj, load16(vj + 16 * i), av[i]);
-    }
-    for (int64_t i = 0; i < DC / 16; ++i) _mm512_storeu_ps(a + 16 * i, av[i]);
-    return;
-  }
-#endif
+// a[0..D) = a * corr + sum_j p[j] * v_j, v_j from the float copy vf + j * v_stride (the generic
+// path; accumulate_pv_rows reads the cache directly where it can).
+inline void accumulate_pv_float(float* a, float corr, const float* p, const float* vf, int64_t v_stride,
+                                int64_t visible, int64_t D) {
   for (int64_t d = 0; d < D; ++d) a[d] *= corr;
   for (int64_t j = 0; j < visible; ++j) {
     const float pj = p[j];
@@ -527,8 +504,10 @@ inline float online_softmax16(float* s, int64_t visible, float& m, float& l) {
 }
 #endif
 
-// Rows that read the same kv head at the same position (GQA's query heads of one kv head) share each
-// value vector: accumulate_pv for nr of them at once, loading (and converting) v_j once.
+// For NR rows r: a_r = a_r * corr[r] + sum_j p_r[j] * v_j. The rows read the same kv head at the
+// same position (GQA's query heads of one kv head), so they share each value vector: with a
+// compile-time D on AVX-512, v_j is loaded from the cache (v_direct + j * slot_stride, any dtype,
+// converted in registers) once for all NR rows, accumulators in registers; else the float copy.
 // Rows per call: as many as keep the accumulators in registers (4 x 4 at D = 64, 2 x 8 at D = 128).
 template <int64_t DC>
 constexpr int64_t kPvRows() {
@@ -561,7 +540,7 @@ inline void accumulate_pv_rows(float* a, int64_t a_stride, const float* corr, co
   }
 #endif
   for (int64_t r = 0; r < NR; ++r)
-    accumulate_pv<T, DC>(a + r * a_stride, corr[r], p + r * p_stride, v_direct, slot_stride, vf, v_stride, visible, D);
+    accumulate_pv_float(a + r * a_stride, corr[r], p + r * p_stride, vf, v_stride, visible, D);
 }
 
 template <typename T, int64_t DC>
