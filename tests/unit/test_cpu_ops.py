@@ -136,3 +136,25 @@ def test_write_kv_cache_matches_index_copy_from_strided_qkv_rows(dtype):
     assert cpu_ops.write_kv_cache(k, v, cache, slots)
     assert torch.equal(cache.isnan(), expected.isnan())
     assert torch.equal(cache.nan_to_num(), expected.nan_to_num())
+
+
+def test_decode_matmul_matches_reference_on_both_kernels():
+    torch.manual_seed(0)
+    w = (torch.randn(80, 96) * 0.1).bfloat16()  # 5 column blocks (an odd one), 3 k steps of 32
+    wv = cpu_ops.decode_weight(w)
+    max_rows = cpu_ops.decode_matmul_max_rows(96, 80)
+    if max_rows == 0:  # no AVX512_BF16 here: no decode copy, the layers keep oneDNN's matmul
+        assert wv is None
+        return
+    assert wv.shape == (5, 48, 16, 2)
+    assert torch.equal(wv[3, 7, 11], w[16 * 3 + 11, 14:16])  # block b, pair p, column j
+    for allow_amx in (True, False):
+        limit = cpu_ops.decode_matmul_max_rows(96, 80, allow_amx)
+        for m in sorted({1, 2, 3, 4, 5, 16, 17, 33, 64, limit, limit + 1}):
+            x = torch.randn(m, 96).bfloat16()
+            got = cpu_ops.decode_matmul(x, wv, allow_amx)
+            if m > limit:
+                assert got is None
+                continue
+            # float accumulation in its own order, then one rounding to bf16: within one bf16 ulp
+            torch.testing.assert_close(got.float(), x.float() @ w.float().T, rtol=2**-7, atol=1e-2)

@@ -58,8 +58,8 @@ def test_tied_lm_head_packs_a_copy_and_keeps_the_embedding():
     assert not emb.weight.is_mkldnn and torch.equal(emb(torch.tensor([5])), emb.weight[5:6])
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3])
-def test_batches_of_one_or_two_rows_stream_the_kept_plain_weight(rows, monkeypatch):
+@pytest.mark.parametrize("rows", [1, 3, 64, 300])
+def test_decode_sized_batches_use_the_decode_copy(rows, monkeypatch):
     from kvserve.ops import cpu_ops
 
     torch.manual_seed(0)
@@ -67,26 +67,29 @@ def test_batches_of_one_or_two_rows_stream_the_kept_plain_weight(rows, monkeypat
     layer.weight.data.normal_()
     x = torch.randn(rows, 576).bfloat16()
     expected = torch.nn.functional.linear(x.float(), layer.weight.float())
-    layer.linear_method.process_weights_after_loading(layer, keep_unpacked=True)
-    assert layer.weight.is_mkldnn and layer.unpacked_weight.shape == (3072, 576)
-    calls = []
-    small_matmul = cpu_ops.small_matmul
-    monkeypatch.setattr(cpu_ops, "small_matmul", lambda *a: calls.append(1) or small_matmul(*a))
+    layer.linear_method.process_weights_after_loading(layer, keep_decode_copy=True)
+    assert layer.weight.is_mkldnn
+    max_rows = cpu_ops.decode_matmul_max_rows(576, 3072)
+    assert (layer.decode_weight is None) == (max_rows == 0)
+    results = []
+    decode_matmul = cpu_ops.decode_matmul
+    monkeypatch.setattr(cpu_ops, "decode_matmul", lambda *a: results.append(decode_matmul(*a)) or results[-1])
     out = layer(x)
-    assert len(calls) == (1 if rows <= cpu_ops.SMALL_MATMUL_MAX_ROWS else 0)
+    assert sum(r is not None for r in results) == (1 if rows <= max_rows else 0)
     # float32 accumulation in another order, then one rounding to bf16: within one bf16 ulp
     torch.testing.assert_close(out.float(), expected, rtol=2**-7, atol=1e-2)
 
 
 def test_small_lm_head_batches_match_the_packed_matmul():
     from kvserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+    from kvserve.ops import cpu_ops
 
     torch.manual_seed(0)
     emb = VocabParallelEmbedding(1024, 64, dtype=torch.bfloat16)
     emb.weight.data.normal_()
     head = ParallelLMHead(1024, 64, dtype=torch.bfloat16, tied_embedding=emb)
-    head.process_weights_after_loading()
-    assert head._small_matmul
+    head.process_weights_after_loading(keep_decode_copy=True)
+    assert (head._decode is None) == (cpu_ops.decode_matmul_max_rows(64, 1024) == 0)
     hidden = torch.randn(2, 64).bfloat16()
     expected = torch.nn.functional.linear(hidden.float(), emb.weight.float())
     torch.testing.assert_close(head(hidden).float(), expected, rtol=2**-7, atol=1e-2)

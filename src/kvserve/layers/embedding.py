@@ -83,22 +83,21 @@ class ParallelLMHead(VocabParallelEmbedding):
             self._set_partition(num_embeddings, tp_rank, tp_size)
             self._tied = [tied_embedding]
 
-    def process_weights_after_loading(self) -> None:
+    def process_weights_after_loading(self, keep_decode_copy: bool = False) -> None:
         """On a CPU in bfloat16, a oneDNN-packed copy of the head's weight for the matmul (the
         embedding keeps its plain layout for lookups): measured 1.3-1.5x faster logits for 1-256
-        rows on the default model, at the cost of a second [V, D] copy."""
+        rows on the default model, at the cost of a second [V, D] copy. keep_decode_copy: memory
+        allows a third, in cpu_ops.decode_weight's layout, for decode-sized batches."""
         weight = self._tied[0].weight if self._tied else self.weight
         self._packed = pack_for_onednn(weight)
-        # Batches of 1-2 rows stream the plain weight instead (cpu_ops.small_matmul, faster there).
-        self._small_matmul = self._packed is not None and cpu_ops.small_matmul_applies(weight)
+        self._decode = cpu_ops.decode_weight(weight) if keep_decode_copy and self._packed is not None else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, D] -> logits [N, V] in the model dtype (a view when the vocab is padded)."""
         packed = getattr(self, "_packed", None)
         weight = self._tied[0].weight if self._tied else self.weight
         if packed is not None:
-            unpacked = weight if self._small_matmul else None
-            logits = onednn_linear(hidden, packed, None, unpacked)  # [N, V_pp]
+            logits = onednn_linear(hidden, packed, None, getattr(self, "_decode", None))  # [N, V_pp]
         else:
             logits = F.linear(hidden, weight)  # [N, V_pp]
         if self.tp_size > 1:

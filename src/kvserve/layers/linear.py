@@ -37,9 +37,9 @@ class LinearMethod(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """x: [T, in_features] -> [T, out_features_per_partition]."""
 
-    def process_weights_after_loading(self, layer: nn.Module, keep_unpacked: bool = False) -> None:
+    def process_weights_after_loading(self, layer: nn.Module, keep_decode_copy: bool = False) -> None:
         """Called once after every weight is loaded: repack for the device if that is faster.
-        keep_unpacked: memory allows keeping the loaded layout too, for kernels that read it."""
+        keep_decode_copy: memory allows a second copy of the weight, laid out for the decode kernel."""
 
 
 class UnquantizedLinearMethod(LinearMethod):
@@ -50,8 +50,8 @@ class UnquantizedLinearMethod(LinearMethod):
     faster for the decode-sized matmuls of the default model, same speed for 2,048-row prefill;
     results equal F.linear's, bit for bit on small batches and to one bf16 ulp on larger ones
     (oneDNN blocks the float32 accumulation differently; tests/unit/test_linear_packing.py).
-    With keep_unpacked, the plain weight stays too (twice the memory), for batches of at most
-    cpu_ops.SMALL_MATMUL_MAX_ROWS rows: a kernel that streams it measured 1.6x faster at batch 1."""
+    With keep_decode_copy, a second copy in cpu_ops.decode_weight's layout (twice the memory) serves
+    decode-sized batches: a kernel that streams it measured 1.4-1.6x faster for 1-64 rows."""
 
     def create_weights(self, layer, in_features, out_features_per_partition, bias, dtype):
         weight = torch.empty(out_features_per_partition, in_features, dtype=dtype)
@@ -59,17 +59,17 @@ class UnquantizedLinearMethod(LinearMethod):
         b = torch.empty(out_features_per_partition, dtype=dtype) if bias else None
         layer.register_parameter("bias", nn.Parameter(b, requires_grad=False) if bias else None)
 
-    def process_weights_after_loading(self, layer, keep_unpacked=False):
+    def process_weights_after_loading(self, layer, keep_decode_copy=False):
         packed = pack_for_onednn(layer.weight)
         if packed is None:
             return
-        if keep_unpacked and layer.bias is None and cpu_ops.small_matmul_applies(layer.weight):
-            layer.unpacked_weight = layer.weight.data  # [out, in], read by cpu_ops.small_matmul
+        if keep_decode_copy and layer.bias is None:
+            layer.decode_weight = cpu_ops.decode_weight(layer.weight)  # None where the kernel does not apply
         layer.weight = nn.Parameter(packed, requires_grad=False)
 
     def apply(self, layer, x, bias):
         if layer.weight.is_mkldnn:
-            return onednn_linear(x, layer.weight, bias, getattr(layer, "unpacked_weight", None))
+            return onednn_linear(x, layer.weight, bias, getattr(layer, "decode_weight", None))
         return F.linear(x, layer.weight, bias)
 
 
@@ -82,13 +82,13 @@ def pack_for_onednn(weight: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def onednn_linear(
-    x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor], unpacked: Optional[torch.Tensor] = None
+    x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor], decode: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """x: [..., in] @ packed weight (from pack_for_onednn) -> [..., out]. unpacked: the same weight
-    in its plain layout (passing cpu_ops.small_matmul_applies), if kept: batches of at most
-    cpu_ops.SMALL_MATMUL_MAX_ROWS rows then stream it through cpu_ops.small_matmul instead."""
-    if unpacked is not None and bias is None and x.shape[0] <= cpu_ops.SMALL_MATMUL_MAX_ROWS:
-        out = cpu_ops.small_matmul(x, unpacked)
+    """x: [..., in] @ packed weight (from pack_for_onednn) -> [..., out]. decode: the same weight in
+    cpu_ops.decode_weight's layout, if kept: decode-sized batches then go through
+    cpu_ops.decode_matmul instead (it declines the sizes where oneDNN is faster)."""
+    if decode is not None and bias is None:
+        out = cpu_ops.decode_matmul(x, decode)
         if out is not None:
             return out
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")

@@ -39,20 +39,20 @@ def load_model(config: ModelConfig, device: str | torch.device = "cpu") -> nn.Mo
     progress = tqdm(weights, total=num_tensors, desc="Loading weights", unit="tensor", leave=False)
     with torch.no_grad():
         load_weights(model, progress)
-    keep_unpacked = _room_for_second_copy(model)
+    keep_decode_copy = _room_for_second_copy(model)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.init_cache()  # allocated uninitialised, like the weights
         if isinstance(getattr(module, "linear_method", None), LinearMethod):
-            module.linear_method.process_weights_after_loading(module, keep_unpacked=keep_unpacked)
+            module.linear_method.process_weights_after_loading(module, keep_decode_copy=keep_decode_copy)
         elif isinstance(module, ParallelLMHead):
-            module.process_weights_after_loading()
+            module.process_weights_after_loading(keep_decode_copy=keep_decode_copy)
     return model.eval()
 
 
 def _room_for_second_copy(model: nn.Module) -> bool:
-    """Whether a layer may keep its weight in two layouts (e.g. oneDNN-packed for large batches and
-    plain for the batch 1-2 kernel): only when all the weights take at most a tenth of the memory
+    """Whether a layer may keep its weight in two layouts (oneDNN-packed for large batches and the
+    decode kernel's for small ones): only when all the weights take at most a tenth of the memory
     available now, so that a big model is never doubled."""
     if next(model.parameters()).device.type != "cpu":
         return False

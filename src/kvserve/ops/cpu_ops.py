@@ -114,26 +114,43 @@ def sample_rows(x: torch.Tensor, inv_temperature: torch.Tensor, uniforms: torch.
     return out
 
 
-SMALL_MATMUL_MAX_ROWS = 2  # from 4 rows on, oneDNN's packed matmul measured as fast or faster in the model
-
-
-def small_matmul_applies(weight: torch.Tensor) -> bool:
-    """Whether small_matmul can multiply by this [N, K] weight (bf16 CPU, contiguous, shape the kernel takes)."""
-    if _code(weight) != 1 or weight.dim() != 2 or not weight.is_contiguous():
-        return False
-    return bool(cpu_build.load().kv_small_matmul_supported(weight.shape[1], weight.shape[0]))
-
-
-def small_matmul(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """x: [M, K] @ weight [N, K]^T -> [M, N], for M <= SMALL_MATMUL_MAX_ROWS (decode at small batch);
-    weight must pass small_matmul_applies. None when x does not fit (then the caller's matmul runs)."""
-    if x.dim() != 2 or x.shape[0] > SMALL_MATMUL_MAX_ROWS or x.shape[0] == 0 or _code(x, weight) != 1:
+def decode_weight(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """weight [N, K] (nn.Linear layout) rearranged for decode_matmul: [N / 16, K / 2, 16, 2], block b,
+    pair p, column j holding weight[16b + j, 2p : 2p + 2]. None where the kernel does not apply
+    (not bf16 on CPU, no AVX512_BF16, K % 32 or N % 16 not 0)."""
+    if _code(weight) != 1 or weight.dim() != 2:
         return None
-    if not x.is_contiguous() or x.shape[1] != weight.shape[1]:
+    n, k = weight.shape
+    if cpu_build.load().kv_decode_matmul_max_rows(k, n) == 0:
         return None
-    out = x.new_empty(x.shape[0], weight.shape[0])
-    cpu_build.load().kv_small_matmul_bf16(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), weight.shape[0], out.data_ptr())
+    return weight.detach().reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def decode_matmul(x: torch.Tensor, weight: torch.Tensor, allow_amx: bool = True) -> Optional[torch.Tensor]:
+    """x: [M, K] @ W^T -> [M, N], weight being W in decode_weight's layout. For decode-sized batches,
+    where streaming the weight bounds the matmul; None when M is past the rows this CPU's kernel
+    wins at (decode_matmul_max_rows) or x does not fit (then the caller's matmul runs).
+    allow_amx=False: the AVX512_BF16 kernel even where AMX is usable (for tests)."""
+    if x.dim() != 2 or weight.dim() != 4 or _code(x, weight) != 1 or not x.is_contiguous():
+        return None
+    m, k = x.shape
+    n = weight.shape[0] * 16
+    if k != weight.shape[1] * 2 or not 0 < m <= decode_matmul_max_rows(k, n, allow_amx):
+        return None
+    out = x.new_empty(m, n)
+    cpu_build.load().kv_decode_matmul_bf16(x.data_ptr(), m, k, weight.data_ptr(), n, out.data_ptr(), int(allow_amx))
     return out
+
+
+def decode_matmul_max_rows(k: int, n: int, allow_amx: bool = True) -> int:
+    """Rows up to which decode_matmul runs for a [n, k] weight: 256 with AMX, 4 with AVX512_BF16
+    only (the kernels' measured crossovers with oneDNN), 0 where it does not apply."""
+    lib = cpu_build.load()
+    rows = lib.kv_decode_matmul_max_rows(k, n) if lib is not None else 0
+    return rows if allow_amx else min(rows, _DP_MAX_ROWS)
+
+
+_DP_MAX_ROWS = 4  # kMr in cpu_kernels.cpp: the AVX512_BF16 kernel's crossover
 
 
 def paged_attention(
