@@ -40,17 +40,18 @@ def test_mixed_prefill_chunks_and_decodes_match_dense_attention(backend_cls, dty
     backend = backend_cls()
     fill = 50.0 if backend.needs_zeroed_blocks else float("nan")
     cache = torch.full((2, num_blocks, BS, HKV, D), fill, dtype=dtype)
-    full_len = [7, 3, 13, 1]
+    full_len = [7, 5, 13, 1]
     tables = [[5, 2], [9], [30, 31, 1, 20], [11]]
     ks = [torch.randn(n, HKV, D).to(dtype) for n in full_len]
     vs = [torch.randn(n, HKV, D).to(dtype) for n in full_len]
     qs = [torch.randn(n, HQ, D).to(dtype) for n in full_len]
-    # Step 1: request 0 whole, request 1 whole, request 2 first chunk of 5, request 3 not yet.
-    # Step 2: request 0 and 1 decode one more token each is simulated by a second chunk of 2.
-    # Step 3: request 2 second chunk (8), request 3 its only token, request 0 last token.
+    # Step 1: fresh prompts: requests 0 and 1 (5 tokens each, adjacent: one batched call), request
+    # 2's first chunk of 4; request 3 not yet.
+    # Step 2: request 0 decodes one token, request 2 a second chunk after its context.
+    # Step 3: request 2 its last chunk, request 3 its only token, request 0 its last token.
     steps = [
-        {0: (0, 5), 1: (0, 3), 2: (0, 5)},
-        {0: (5, 6), 2: (5, 9)},
+        {0: (0, 5), 1: (0, 5), 2: (0, 4)},
+        {0: (5, 6), 2: (4, 9)},
         {0: (6, 7), 2: (9, 13), 3: (0, 1)},
     ]
     for step in steps:

@@ -38,7 +38,10 @@ class _Cascade:
 @dataclass
 class _CpuPlan:
     decode_reqs: torch.Tensor  # [n] int64, requests with one query row
-    fresh: list[tuple[int, int]]  # (first row, rows) of prefill chunks that start at position 0
+    # Prefill chunks that start at position 0, as runs of equal-length chunks in adjacent rows:
+    # (first row, rows per chunk, chunks); a run is one batched SDPA call (bit-identical to one call
+    # per chunk, measured 15% faster for 8 x 256 tokens).
+    fresh: list[tuple[int, int, int]]
     context: Optional[Group]  # torch-reference group of prefill chunks after cached context
     cascade: Optional[_Cascade]  # when set, it covers the decode and context requests above
 
@@ -60,7 +63,10 @@ class CpuAttentionBackend(AttentionBackend):
             if n == 1:
                 decode.append(b)
             elif n == s:
-                fresh.append((starts[b], n))
+                if fresh and fresh[-1][1] == n and fresh[-1][0] + n * fresh[-1][2] == starts[b]:
+                    fresh[-1] = (fresh[-1][0], n, fresh[-1][2] + 1)
+                else:
+                    fresh.append((starts[b], n, 1))
             else:
                 context.append(b)
         cascade = self._plan_cascade(meta, decode + context, starts)
@@ -105,14 +111,14 @@ class CpuAttentionBackend(AttentionBackend):
                          len(plan.cascade.prefix_blocks), init_out, init_lse)  # fmt: skip
         elif plan.decode_reqs.numel():
             self._kernel(q, kv_cache, out, meta, plan.decode_reqs, scale)
-        for start, n in plan.fresh:
-            rows = slice(start, start + n)
+        for start, n, count in plan.fresh:
+            rows = slice(start, start + n * count)
             # 4-D inputs: with 3-D ones SDPA takes its slow math path (10x slower, measured).
             o = F.scaled_dot_product_attention(
-                q[None, rows].transpose(1, 2), k[None, rows].transpose(1, 2), v[None, rows].transpose(1, 2),
+                *(t[rows].unflatten(0, (count, n)).transpose(1, 2) for t in (q, k, v)),
                 is_causal=True, scale=scale, enable_gqa=True,
-            )  # fmt: skip  # [1, H, n, D]
-            out[rows] = o[0].transpose(0, 1)
+            )  # fmt: skip  # [count, H, n, D]
+            out[rows] = o.transpose(1, 2).flatten(0, 1)
         if plan.context is not None:
             attend_group(plan.context, q, kv_cache, out, scale)
         return out
