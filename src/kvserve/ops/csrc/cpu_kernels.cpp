@@ -492,19 +492,30 @@ inline void accumulate_pv_float(float* a, float corr, const float* p, const floa
 }
 
 #ifdef __AVX512F__
-// One block of 16 scores s[0..visible) (visible <= 16): s <- exp(s - m_new) (0 past visible),
-// m <- m_new = max(m, max s), l <- l * corr + sum s; returns corr = exp(m_old - m_new).
-inline float online_softmax16(float* s, int64_t visible, float& m, float& l) {
+// One block of 16 scores for each of nr rows (nr <= 16): row g's s_g = s + g * stride holds
+// s_g[0..visible) (visible <= 16). s_g <- exp(s_g - m_new) (0 past visible), m[g] <- m_new =
+// max(m[g], max s_g), l[g] <- l[g] * corr[g] + sum s_g, with corr[g] = exp(m_old - m_new) (0 on the
+// first block: m = -inf, clamped) computed for all rows in one vector.
+inline void online_softmax16(float* s, int64_t stride, int64_t nr, int64_t visible, float* m, float* l,
+                             float* corr) {
   const __mmask16 k = static_cast<__mmask16>((1u << visible) - 1u);
-  const __m512 v = _mm512_maskz_loadu_ps(k, s);
-  const float bmax = _mm512_mask_reduce_max_ps(k, v);
-  const float m_new = m > bmax ? m : bmax;
-  const float corr = exp_f32(m - m_new);  // 0 on the first block (m = -inf, clamped)
-  const __m512 p = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(v, _mm512_set1_ps(m_new))));
-  _mm512_storeu_ps(s, p);
-  l = l * corr + _mm512_reduce_add_ps(p);
-  m = m_new;
-  return corr;
+  alignas(64) float m_old[16], m_new[16], c[16];
+  for (int64_t g = 0; g < nr; ++g) {
+    const float bmax = _mm512_mask_reduce_max_ps(k, _mm512_maskz_loadu_ps(k, s + g * stride));
+    m_old[g] = m[g];
+    m_new[g] = m[g] > bmax ? m[g] : bmax;
+    c[g] = m_old[g] - m_new[g];
+  }
+  const __mmask16 rows = static_cast<__mmask16>((1u << nr) - 1u);
+  _mm512_store_ps(c, exp16(_mm512_maskz_load_ps(rows, c)));
+  for (int64_t g = 0; g < nr; ++g) {
+    float* sg = s + g * stride;
+    const __m512 p = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sg), _mm512_set1_ps(m_new[g]))));
+    _mm512_storeu_ps(sg, p);
+    l[g] = l[g] * c[g] + _mm512_reduce_add_ps(p);
+    m[g] = m_new[g];
+    corr[g] = c[g];
+  }
 }
 #endif
 
@@ -653,17 +664,17 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
           for (int64_t c0 = 0; c0 < G; c0 += kPvRows<DC>()) {
             const int64_t nr = std::min(kPvRows<DC>(), G - c0);
             float corr[4];
+            for (int64_t g = 0; g < nr; ++g)
+              block_scores<T, DC>(q + row_of(r0 + c0 + g) * D, qf.data() + (r0 + c0 + g) * D, k_cache + base + kv,
+                                  row_elems, kf_row, span, visible, D, scale, sc.data() + g * bs);
+#ifdef __AVX512F__
+            if (bs == 16)  // the online-softmax update of one block in one vector per row
+              online_softmax16(sc.data(), bs, nr, visible, &mx[r0 + c0], &l[r0 + c0], corr);
+            else
+#endif
             for (int64_t g = 0; g < nr; ++g) {
               const int64_t r = r0 + c0 + g;
               float* s = sc.data() + g * bs;
-              block_scores<T, DC>(q + row_of(r) * D, qf.data() + r * D, k_cache + base + kv, row_elems, kf_row, span,
-                                  visible, D, scale, s);
-#ifdef __AVX512F__
-              if (bs == 16) {  // the online-softmax update of one block in one vector
-                corr[g] = online_softmax16(s, visible, mx[r], l[r]);
-                continue;
-              }
-#endif
               float bmax = -INFINITY;
               for (int64_t j = 0; j < visible; ++j) bmax = s[j] > bmax ? s[j] : bmax;
               const float m_new = mx[r] > bmax ? mx[r] : bmax;
