@@ -6,6 +6,7 @@ passed by data pointer, so every argument is checked for dtype, device and conti
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -142,6 +143,7 @@ def decode_matmul(x: torch.Tensor, weight: torch.Tensor, allow_amx: bool = True)
     return out
 
 
+@functools.lru_cache(maxsize=None)  # asked on every linear call; fixed for the process
 def decode_matmul_max_rows(k: int, n: int, allow_amx: bool = True) -> int:
     """Rows up to which decode_matmul runs for a [n, k] weight: 256 with AMX, 4 with AVX512_BF16
     only (the kernels' measured crossovers with oneDNN), 0 where it does not apply."""

@@ -726,9 +726,9 @@ void paged_attention_d(const void* q, const void* k_cache, const void* v_cache, 
 // not stay in cache between steps). Two kernels read this layout:
 // - AMX (decode_matmul_amx): 16 pairs x 16 columns of a block are one 1 KB B tile; compute is
 //   nearly free, so the loop only streams W (the next blocks prefetched). Measured on the default
-//   model, 30 layers' weights from DRAM: batch 16 15 ms, batch 64 22 ms, batch 256 53 ms against
-//   oneDNN's packed matmul 25 / 35 / 63 ms (with the weights in cache oneDNN wins from ~256 rows).
-//   Used up to kAmxMaxRows rows.
+//   model, 30 layers' weights from DRAM: batch 16 14 ms, batch 64 19 ms, batch 256 37 ms against
+//   oneDNN's packed matmul 19 / 28 / 48 ms (weights in cache, batch 256: 0.48 vs 0.52 ms for the
+//   MLP's gate/up). Used up to kAmxMaxRows rows.
 // - AVX512_BF16 (decode_matmul_dp): a tile of kMr rows x kNr blocks in 16 float accumulators, one
 //   64-byte load giving 16 columns' pairs for vdpbf16ps with the broadcast x pair. Streams as fast
 //   up to 4 rows (batch 1: 12.8 ms against 20 ms for oneDNN), then runs out of arithmetic.
@@ -814,15 +814,17 @@ inline bool amx_granted() {
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-// Passes of up to 32 rows; per pass, pairs of column blocks: tiles 0-3 accumulate (row tile r,
-// block c), 4-5 hold the two blocks' B tiles, 6-7 the two row tiles of x. Each k step of 32
-// loads 2 KB of weights for 4 tile multiplies.
+// Pairs of column blocks, each through all rows in passes of up to 32 before the next pair, so
+// the weights stream from memory once (x is re-read from cache instead). Per pass: tiles 0-3
+// accumulate (row tile r, block c), 4-5 hold the two blocks' B tiles, 6-7 the two row tiles of x;
+// each k step of 32 loads 2 KB of weights for 4 tile multiplies.
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
 
+// Tiles for a pass whose two row tiles have rows0 and rows1 rows (rows1 <= 0: one row tile).
 inline void amx_configure(int64_t rows0, int64_t rows1) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
@@ -839,24 +841,28 @@ void decode_matmul_amx(const bf16* x, int64_t M, int64_t K, const bf16* Wv, int6
 #pragma omp parallel
   {
     alignas(64) float c[16 * 16];
-    for (int64_t m0 = 0; m0 < M; m0 += 32) {
-      const int64_t rows0 = std::min<int64_t>(16, M - m0), rows1 = std::min<int64_t>(16, M - m0 - 16);
-      amx_configure(rows0, rows1);
-      const bf16* x0 = x + m0 * K;
-      const bf16* x1 = x0 + 16 * K;
+    int64_t configured = -1;  // rows of the pass the tiles are configured for
 #pragma omp for schedule(static)
-      for (int64_t q = 0; q < n_pairs; ++q) {
-        const int64_t b0 = 2 * q;
-        const bool two = b0 + 1 < NB;
-        const bf16* w0 = Wv + b0 * block;
-        const bf16* w1 = w0 + block;
-        const bf16* next = q + 1 < n_pairs ? w0 + 2 * block : nullptr;
+    for (int64_t q = 0; q < n_pairs; ++q) {
+      const int64_t b0 = 2 * q;
+      const bool two = b0 + 1 < NB;
+      const bf16* w0 = Wv + b0 * block;
+      const bf16* w1 = w0 + block;
+      const bf16* next = q + 1 < n_pairs ? w0 + 2 * block : nullptr;
+      for (int64_t m0 = 0; m0 < M; m0 += 32) {
+        const int64_t pass = std::min<int64_t>(32, M - m0), rows0 = std::min<int64_t>(16, pass), rows1 = pass - 16;
+        if (pass != configured) {
+          amx_configure(rows0, rows1);
+          configured = pass;
+        }
+        const bf16* x0 = x + m0 * K;
+        const bf16* x1 = x0 + 16 * K;
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
         for (int64_t k = 0; k < K; k += 32) {  // k / 2 pairs: B tile rows p = k/2 .. k/2 + 15
-          if (next)
+          if (next && m0 == 0)  // the next pair's weights, while the first pass reads this pair's
             for (int64_t o = 0; o < 512; o += 32) {
               __builtin_prefetch(next + k * 16 + o);
               __builtin_prefetch(next + block + k * 16 + o);
