@@ -122,7 +122,7 @@ def decode_weight(weight: torch.Tensor) -> Optional[torch.Tensor]:
     if _code(weight) != 1 or weight.dim() != 2:
         return None
     n, k = weight.shape
-    if cpu_build.load().kv_decode_matmul_max_rows(k, n) == 0:
+    if decode_matmul_max_rows(k, n) == 0:
         return None
     return weight.detach().reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
