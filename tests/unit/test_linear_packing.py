@@ -58,7 +58,7 @@ def test_tied_lm_head_packs_a_copy_and_keeps_the_embedding():
     assert not emb.weight.is_mkldnn and torch.equal(emb(torch.tensor([5])), emb.weight[5:6])
 
 
-@pytest.mark.parametrize("rows", [1, 3, 64, 300])
+@pytest.mark.parametrize("rows", [1, 3, 64, 300, 600])
 def test_decode_sized_batches_use_the_decode_copy(rows, monkeypatch):
     from kvserve.ops import cpu_ops
 

@@ -51,7 +51,7 @@ class UnquantizedLinearMethod(LinearMethod):
     results equal F.linear's, bit for bit on small batches and to one bf16 ulp on larger ones
     (oneDNN blocks the float32 accumulation differently; tests/unit/test_linear_packing.py).
     With keep_decode_copy, a second copy in cpu_ops.decode_weight's layout (twice the memory) serves
-    decode-sized batches: a kernel that streams it measured 1.3-1.45x faster for 1-256 rows."""
+    decode-sized batches: a kernel that streams it measured 1.1-1.45x faster for 1-512 rows."""
 
     def create_weights(self, layer, in_features, out_features_per_partition, bias, dtype):
         weight = torch.empty(out_features_per_partition, in_features, dtype=dtype)

@@ -145,7 +145,7 @@ def decode_matmul(x: torch.Tensor, weight: torch.Tensor, allow_amx: bool = True)
 
 @functools.lru_cache(maxsize=None)  # asked on every linear call; fixed for the process
 def decode_matmul_max_rows(k: int, n: int, allow_amx: bool = True) -> int:
-    """Rows up to which decode_matmul runs for a [n, k] weight: 256 with AMX, 4 with AVX512_BF16
+    """Rows up to which decode_matmul runs for a [n, k] weight: 512 with AMX, 4 with AVX512_BF16
     only (the kernels' measured crossovers with oneDNN), 0 where it does not apply."""
     lib = cpu_build.load()
     rows = lib.kv_decode_matmul_max_rows(k, n) if lib is not None else 0
