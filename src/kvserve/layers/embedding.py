@@ -95,11 +95,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, D] -> logits [N, V] in the model dtype (a view when the vocab is padded)."""
         packed = getattr(self, "_packed", None)
-        weight = self._tied[0].weight if self._tied else self.weight
         if packed is not None:
             logits = onednn_linear(hidden, packed, None, getattr(self, "_decode", None))  # [N, V_pp]
         else:
-            logits = F.linear(hidden, weight)  # [N, V_pp]
+            logits = F.linear(hidden, self._tied[0].weight if self._tied else self.weight)  # [N, V_pp]
         if self.tp_size > 1:
             shards = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(shards, logits)

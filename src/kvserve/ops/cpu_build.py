@@ -104,7 +104,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.kv_sample_rows.argtypes = [c_int, ptr, ptr, i64, i64, i64, ptr, ptr]
     lib.kv_write_kv.argtypes = [c_int, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64]
     lib.kv_decode_matmul_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, c_int]
-    lib.kv_decode_matmul_max_rows.argtypes = [i64, i64]
+    lib.kv_decode_matmul_max_rows.argtypes = [i64, i64, c_int]
     lib.kv_decode_matmul_max_rows.restype = c_int
     void = (lib.kv_rms_norm, lib.kv_silu_and_mul, lib.kv_rotary, lib.kv_paged_attention, lib.kv_argmax_rows,
             lib.kv_sample_rows, lib.kv_write_kv, lib.kv_decode_matmul_bf16)  # fmt: skip

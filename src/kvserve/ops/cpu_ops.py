@@ -148,11 +148,7 @@ def decode_matmul_max_rows(k: int, n: int, allow_amx: bool = True) -> int:
     """Rows up to which decode_matmul runs for a [n, k] weight: 512 with AMX, 4 with AVX512_BF16
     only (the kernels' measured crossovers with oneDNN), 0 where it does not apply."""
     lib = cpu_build.load()
-    rows = lib.kv_decode_matmul_max_rows(k, n) if lib is not None else 0
-    return rows if allow_amx else min(rows, _DP_MAX_ROWS)
-
-
-_DP_MAX_ROWS = 4  # kMr in cpu_kernels.cpp: the AVX512_BF16 kernel's crossover
+    return lib.kv_decode_matmul_max_rows(k, n, int(allow_amx)) if lib is not None else 0
 
 
 def paged_attention(

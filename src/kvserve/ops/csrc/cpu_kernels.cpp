@@ -499,12 +499,11 @@ inline void accumulate_pv_float(float* a, float corr, const float* p, const floa
 inline void online_softmax16(float* s, int64_t stride, int64_t nr, int64_t visible, float* m, float* l,
                              float* corr) {
   const __mmask16 k = static_cast<__mmask16>((1u << visible) - 1u);
-  alignas(64) float m_old[16], m_new[16], c[16];
+  alignas(64) float m_new[16], c[16];
   for (int64_t g = 0; g < nr; ++g) {
     const float bmax = _mm512_mask_reduce_max_ps(k, _mm512_maskz_loadu_ps(k, s + g * stride));
-    m_old[g] = m[g];
     m_new[g] = m[g] > bmax ? m[g] : bmax;
-    c[g] = m_old[g] - m_new[g];
+    c[g] = m[g] - m_new[g];
   }
   const __mmask16 rows = static_cast<__mmask16>((1u << nr) - 1u);
   _mm512_store_ps(c, exp16(_mm512_maskz_load_ps(rows, c)));
@@ -613,15 +612,14 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
       const int64_t p0 = ctx - qlen + t0;  // position of the tile's first query
       const int64_t nkeys = p0 + nq;       // keys 0 .. last query's position
       // Row r = (query r / qh, q head h0 * G + r % qh), which reads kv head h0 + (r % qh) / G;
-      // row_of(r) is its index in the [T, Hq] layout of q, out, init_out and init_lse.
+      // row_idx[r] is its index in the [T, Hq] layout of q, out, init_out and init_lse.
       for (int64_t r = 0; r < rows; ++r) row_idx[r] = (qstart[b] + t0 + r / qh) * Hq + h0 * G + r % qh;
       for (int64_t r0 = 0; r0 < rows; r0 += G) {
         group_query[r0 / G] = r0 / qh;
         group_kv[r0 / G] = ((r0 % qh) / G) * D;
       }
-      auto row_of = [&](int64_t r) { return row_idx[r]; };
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = row_of(r);
+        const int64_t row = row_idx[r];
         if constexpr (!direct_k)  // the direct path multiplies the raw query and scales the score
           for (int64_t d = 0; d < D; ++d) qf[r * D + d] = ld(q + row * D, d) * scale;
         if (init_out) {  // continue from attention over blocks < skip_blocks: state (lse, 1, out)
@@ -665,7 +663,7 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
             const int64_t nr = std::min(kPvRows<DC>(), G - c0);
             float corr[4];
             for (int64_t g = 0; g < nr; ++g)
-              block_scores<T, DC>(q + row_of(r0 + c0 + g) * D, qf.data() + (r0 + c0 + g) * D, k_cache + base + kv,
+              block_scores<T, DC>(q + row_idx[r0 + c0 + g] * D, qf.data() + (r0 + c0 + g) * D, k_cache + base + kv,
                                   row_elems, kf_row, span, visible, D, scale, sc.data() + g * bs);
 #ifdef __AVX512F__
             if (bs == 16)  // the online-softmax update of one block in one vector per row
@@ -692,7 +690,7 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
-        T* dst = out + row_of(r) * D;
+        T* dst = out + row_idx[r] * D;
         const float inv = 1.0f / l[r];
         for (int64_t d = 0; d < D; ++d) st(dst, d, acc[r * D + d] * inv);
       }
@@ -972,14 +970,14 @@ void kv_paged_attention(int dtype, const void* q, const void* k_cache, const voi
 }
 
 // Rows up to which kv_decode_matmul_bf16 beats oneDNN: kAmxMaxRows where AMX tiles are usable
-// (compiled in and granted by the OS, asked once), 4 with AVX512_BF16 only, 0 without it (or when
-// K % 32 or N % 16 is not 0).
-int kv_decode_matmul_max_rows(int64_t K, int64_t N) {
+// and allowed (compiled in and granted by the OS, asked once), kMr with AVX512_BF16 only, 0
+// without it (or when K % 32 or N % 16 is not 0).
+int kv_decode_matmul_max_rows(int64_t K, int64_t N, int allow_amx) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
   if (K % 32 != 0 || N % 16 != 0) return 0;
-  return amx_granted() ? kAmxMaxRows : kMr;
+  return allow_amx && amx_granted() ? kAmxMaxRows : kMr;
 #else
-  (void)K, (void)N;
+  (void)K, (void)N, (void)allow_amx;
   return 0;
 #endif
 }
