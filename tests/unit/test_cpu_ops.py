@@ -43,11 +43,13 @@ def test_silu_and_mul_matches_reference(dtype):
     torch.manual_seed(0)
     x = (torch.randn(19, 2 * 1536) * 4).to(dtype)
     x[0, :8] = torch.tensor([0.0, -0.0, 100.0, -100.0, 88.0, -88.0, 1e-30, -1e-30]).to(dtype)
+    x[0, 1536 + 6 : 1536 + 8] = torch.tensor([1e-9, 3e-9]).to(dtype)  # products below float's normal range
     gate, up = x.chunk(2, dim=-1)
     expected = torch.nn.functional.silu(gate) * up
     out = cpu_ops.silu_and_mul(x)
     if dtype == torch.bfloat16:
         assert torch.equal(out, expected)
+        assert expected[0, 6] != 0 and expected[0, 6].abs() < torch.finfo(torch.float32).tiny  # kept, not flushed
     else:
         torch.testing.assert_close(out, expected, atol=1e-6, rtol=2e-6)
     assert torch.equal(SiluAndMul()(x), out)  # the layer takes the kernel

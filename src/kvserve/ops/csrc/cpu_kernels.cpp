@@ -75,6 +75,11 @@ inline __m512 load16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 inline __m256i to_bf16(__m512 v) {  // round to nearest even; NaN stays NaN (as f2bf)
+#ifdef __AVX512BF16__
+  // vcvtneps2bf16 rounds and quiets NaNs as f2bf does but flushes denormals to zero: vectors
+  // holding one (practically never) take the integer path below, which keeps them.
+  if (__builtin_expect(_mm512_fpclass_ps_mask(v, 0x20) == 0, 1)) return (__m256i)_mm512_cvtneps_pbh(v);
+#endif
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
