@@ -1,5 +1,9 @@
-"""How much host memory is free now: one place that reads /proc/meminfo."""
+"""Host memory: how much is free now (the one place that reads /proc/meminfo), and how the
+process's allocator keeps what it frees."""
 from __future__ import annotations
+
+import ctypes
+import os
 
 
 def available_bytes() -> int:
@@ -10,3 +14,24 @@ def available_bytes() -> int:
     except OSError:
         return 0
     return info.get("MemAvailable", info.get("MemTotal", 0))
+
+
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 512 << 20) -> bool:
+    """Make glibc's malloc keep freed activation memory for the next step instead of handing it
+    back to the OS. A forward allocates and frees tensors of a few MB (per layer, per step); by
+    default glibc maps such blocks fresh and unmaps them on free (or trims the heap), so each step
+    page-faults them in again. Blocks below mmap_threshold then come from the heap, and up to
+    trim_threshold bytes of freed heap stay mapped. Returns False (nothing changed) without glibc
+    or when the user set MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ themselves."""
+    if any(os.environ.get(name) for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))

@@ -5,6 +5,7 @@ reference (rotary, SiLU-and-mul); RMSNorm sums squares in another order, so it m
 bf16 ulp in rare elements."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kvserve.layers.activation import SiluAndMul
 from kvserve.layers.norm import RMSNorm
@@ -160,3 +161,39 @@ def test_decode_matmul_matches_reference_on_both_kernels():
                 continue
             # float accumulation in its own order, then one rounding to bf16: within one bf16 ulp
             torch.testing.assert_close(got.float(), x.float() @ w.float().T, rtol=2**-7, atol=1e-2)
+
+
+def _has_amx() -> bool:
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split() for line in f if line.startswith("flags")), [])
+    return "amx_bf16" in flags and "amx_tile" in flags
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,d,starts,lens",
+    [
+        (9, 3, 64, [0, 1, 16, 32, 49, 80, 112, 145], [1, 15, 16, 17, 31, 32, 33, 100]),
+        (4, 4, 128, [0, 310], [300, 7]),  # head size 128, rows 300-309 in no prompt
+    ],
+)
+def test_prefill_attention_matches_causal_sdpa(hq, hkv, d, starts, lens):
+    torch.manual_seed(0)
+    t = starts[-1] + lens[-1]
+    qkv = torch.randn(t, (hq + 2 * hkv) * d).bfloat16()
+    # strided rows of one qkv tensor, as the model hands them over
+    q, k, v = (x.unflatten(-1, (-1, d)) for x in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+    out = torch.full((t, hq, d), float("nan"), dtype=torch.bfloat16)
+    applied = cpu_ops.prefill_attention(q, k, v, out, torch.tensor(starts), torch.tensor(lens), d**-0.5)
+    assert applied == _has_amx()  # elsewhere the backend runs SDPA, as before
+    if not applied:
+        return
+    covered = torch.zeros(t, dtype=torch.bool)
+    for s, n in zip(starts, lens):
+        covered[s : s + n] = True
+        qp, kp, vp = (x[s : s + n].float().transpose(0, 1)[None] for x in (q, k, v))
+        expected = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=d**-0.5, enable_gqa=True)
+        got = out[s : s + n].float().transpose(0, 1)[None]
+        # P rounded to bf16 for the PV multiply (as SDPA's bf16 path), then one rounding of the output
+        torch.testing.assert_close(got, expected, atol=1.6e-2, rtol=1.6e-2)
+        assert (got - expected).abs().mean() < 1e-3
+    assert out[~covered].isnan().all()  # rows in no prompt are not written

@@ -3,8 +3,10 @@
 Per step the batch splits three ways:
 - decode rows (one query token): the in-place paged kernel, one pass over each request's blocks,
   no gather, no padding, no mask tensor;
-- prefill chunks with no cached context (a fresh prompt's first chunk): causal SDPA straight on
-  this step's packed q/k/v, one call per request, the cache is only written;
+- prefill chunks with no cached context (a fresh prompt's first chunk): attention straight on
+  this step's packed q/k/v rows, the cache is only written: in bf16 with AMX the prefill kernel
+  (all such chunks in one call; 8 x 256 tokens 1.8-2.0 vs 2.5-2.9 ms per layer for SDPA with
+  its copies), else causal SDPA (the reference), one call per run of equal-length chunks;
 - prefill chunks after cached context (prefix-cache hits, later chunks): the torch reference's
   gather + SDPA, whose GEMMs are faster than the kernel's loops on long query runs.
 Cascade for shared prefixes: when enough requests of the step that read cached context share
@@ -42,6 +44,8 @@ class _CpuPlan:
     # (first row, rows per chunk, chunks); a run is one batched SDPA call (bit-identical to one call
     # per chunk, measured 15% faster for 8 x 256 tokens).
     fresh: list[tuple[int, int, int]]
+    fresh_starts: torch.Tensor  # [P] int64: the same chunks' first rows, for the AMX kernel
+    fresh_lens: torch.Tensor  # [P] int64: and their lengths
     context: Optional[Group]  # torch-reference group of prefill chunks after cached context
     cascade: Optional[_Cascade]  # when set, it covers the decode and context requests above
 
@@ -70,9 +74,12 @@ class CpuAttentionBackend(AttentionBackend):
             else:
                 context.append(b)
         cascade = self._plan_cascade(meta, decode + context, starts)
+        chunks = [(start + i * n, n) for start, n, count in fresh for i in range(count)]
         meta.backend_state = _CpuPlan(
             decode_reqs=torch.tensor(decode, dtype=torch.long),
             fresh=fresh,
+            fresh_starts=torch.tensor([c[0] for c in chunks], dtype=torch.long),
+            fresh_lens=torch.tensor([c[1] for c in chunks], dtype=torch.long),
             context=build_group(meta, context, unwritten_may_be_nan=True) if context and cascade is None else None,
             cascade=cascade,
         )
@@ -103,15 +110,19 @@ class CpuAttentionBackend(AttentionBackend):
         plan = meta.backend_state
         if not cpu_ops.write_kv_cache(k, v, kv_cache, meta.slot_mapping):
             write_kv_cache(k, v, kv_cache, meta.slot_mapping)
-        q = q.contiguous()
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype)
+        fresh_done = bool(plan.fresh) and cpu_ops.prefill_attention(
+            q, k, v, out, plan.fresh_starts, plan.fresh_lens, scale
+        )  # reads q's rows in place
+        if not fresh_done or plan.cascade is not None or plan.decode_reqs.numel() or plan.context is not None:
+            q = q.contiguous()  # the paged kernel and the references take contiguous rows
         if plan.cascade is not None:
             init_out, init_lse = _shared_prefix_attention(q, kv_cache, plan.cascade, scale)
             self._kernel(q, kv_cache, out, meta, plan.cascade.reqs, scale,
                          len(plan.cascade.prefix_blocks), init_out, init_lse)  # fmt: skip
         elif plan.decode_reqs.numel():
             self._kernel(q, kv_cache, out, meta, plan.decode_reqs, scale)
-        for start, n, count in plan.fresh:
+        for start, n, count in [] if fresh_done else plan.fresh:  # the reference, where the kernel declines
             rows = slice(start, start + n * count)
             # 4-D inputs: with 3-D ones SDPA takes its slow math path (10x slower, measured).
             o = F.scaled_dot_product_attention(

@@ -188,3 +188,29 @@ def paged_attention(
         init_out.data_ptr() if skip_blocks else None, init_lse.data_ptr() if skip_blocks else None,
     )  # fmt: skip
     return True
+
+
+def prefill_attention(
+    q: torch.Tensor,  # [T, Hq, D], rows may be strided (views of one qkv tensor)
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    out: torch.Tensor,  # [T, Hq, D] contiguous: the prompts' rows are written
+    starts: torch.Tensor,  # [P] int64: each prompt's first row
+    lens: torch.Tensor,  # [P] int64: its length (its keys are exactly its rows: nothing cached)
+    scale: float,
+) -> bool:
+    """Causal attention of fresh prompts over their own keys (AMX kernel, bfloat16). Returns False,
+    doing nothing, where the kernel does not apply; the caller then runs SDPA, its reference."""
+    if _code(q, k, v, out) != 1 or not out.is_contiguous() or q.dim() != 3 or k.shape != v.shape:
+        return False
+    if any(t.stride(2) != 1 or t.stride(1) != t.shape[2] for t in (q, k, v)):
+        return False
+    if any(t.dtype != torch.int64 or not t.is_contiguous() or t.device.type != "cpu" for t in (starts, lens)):
+        return False
+    _, num_heads, head_dim = q.shape
+    return bool(
+        cpu_build.load().kv_prefill_attention_bf16(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), starts.data_ptr(), lens.data_ptr(),
+            starts.numel(), num_heads, k.shape[1], head_dim, q.stride(0), k.stride(0), v.stride(0), scale,
+        )  # fmt: skip
+    )

@@ -50,6 +50,8 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.model.dtype]
+        if self.device.type == "cpu":
+            host_memory.keep_freed_memory()  # each step's activations reuse the last step's pages
         self.model = model if model is not None else load_model(config.model, self.device)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.backend = get_attention_backend(config.device, self.dtype)

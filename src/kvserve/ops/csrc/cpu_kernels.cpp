@@ -905,6 +905,204 @@ void decode_matmul_amx(const bf16* x, int64_t M, int64_t K, const bf16* Wv, int6
     _tile_release();
   }
 }
+
+// ---- Causal attention of fresh prompts (AMX) -------------------------------------------------
+// Prompts whose keys are all their own (positions 0..n-1, nothing cached): the step's q/k/v rows.
+// Each task (prompt, q head, 16 query rows) runs a flash loop over blocks of 32 keys up to its
+// causal limit, in transposed form so that vector lanes are query rows and the online softmax
+// needs no horizontal reductions:
+//   S^T [32 keys][16 rows] = K [keys][D] . Q^T       (A: K rows read in place; B: Q^T in pairs)
+//   O^T [D][16 rows]      += V^T [D][keys] . P^T      (A: V^T, built once per (prompt, kv head);
+//                                                      B: P^T in key pairs)
+// max / sum in float32, P rounded to bf16 for the PV multiply (as torch's CPU flash attention),
+// O accumulated in float32. Tiles: QK: 0 = K rows, 1 = Q^T, 2-3 = S^T (keys 0-15, 16-31);
+// PV: 5 = P^T, 0 / 1 / 4 = V^T blocks, 2 / 3 / 6 / 7 = four 16-dim blocks of O^T in flight.
+constexpr int64_t kPfKeys = 32;  // keys per flash block
+
+inline void amx_configure_prefill() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+void prefill_attention_amx(const bf16* q, const bf16* k, const bf16* v, bf16* out, const int64_t* starts,
+                           const int64_t* lens, int64_t P, int64_t Hq, int64_t Hk, int64_t D, int64_t q_stride,
+                           int64_t k_stride, int64_t v_stride, float scale) {
+  const int64_t G = Hq / Hk, DC = D / 32, DB = D / 16;
+  std::vector<int64_t> off(P + 1, 0), task_off(P + 1, 0);  // per prompt: padded key offset, first task
+  for (int64_t p = 0; p < P; ++p) {
+    off[p + 1] = off[p] + (lens[p] + kPfKeys - 1) / kPfKeys * kPfKeys;
+    task_off[p + 1] = task_off[p] + Hq * ((lens[p] + 15) / 16);
+  }
+  // V^T of (kv head h, prompt p): [D][padded keys] at (h * off[P] + off[p]) * D, zero past the prompt.
+  // Kept per calling thread between calls: a fresh allocation of this size page-faults every call.
+  static thread_local std::vector<bf16> vt_buffer;
+  if (vt_buffer.size() < static_cast<size_t>(Hk * off[P] * D)) vt_buffer.resize(Hk * off[P] * D);
+  bf16* const vt = vt_buffer.data();  // (inside the parallel region the name would be each thread's own)
+  const __m512i row_ids = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  __m512i even, odd, pair_perm;  // 16-bit lane indices: low / high halves of 32 pairs; (j, 16 + j) pairs
+  {
+    alignas(64) uint16_t e[32], o[32], pp[32];
+    for (int i = 0; i < 32; ++i) {
+      e[i] = static_cast<uint16_t>(2 * i);
+      o[i] = static_cast<uint16_t>(2 * i + 1);
+      pp[i] = static_cast<uint16_t>(i % 2 ? 16 + i / 2 : i / 2);
+    }
+    even = _mm512_load_si512(e);
+    odd = _mm512_load_si512(o);
+    pair_perm = _mm512_load_si512(pp);
+  }
+#pragma omp parallel
+  {
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t h = 0; h < Hk; ++h)
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t n = lens[p], padded = off[p + 1] - off[p];
+        bf16* dst = vt + (h * off[P] + off[p]) * D;
+        const int* src = reinterpret_cast<const int*>(v + starts[p] * v_stride + h * D);
+        for (int64_t key0 = 0; key0 < padded; key0 += 32) {
+          // Lanes = keys key0 + i (rows past the prompt masked to 0); gather dim pairs, then split
+          // each pair into rows d and d + 1 of V^T.
+          const __mmask16 in0 = key0 + 16 <= n ? 0xffff : key0 >= n ? 0 : static_cast<__mmask16>((1u << (n - key0)) - 1);
+          const __mmask16 in1 = key0 + 32 <= n ? 0xffff : key0 + 16 >= n ? 0 : static_cast<__mmask16>((1u << (n - key0 - 16)) - 1);
+          const __m512i idx0 = _mm512_mullo_epi32(_mm512_add_epi32(row_ids, _mm512_set1_epi32(static_cast<int>(key0))),
+                                                  _mm512_set1_epi32(static_cast<int>(v_stride / 2)));
+          const __m512i idx1 = _mm512_add_epi32(idx0, _mm512_set1_epi32(static_cast<int>(8 * v_stride)));
+          for (int64_t d2 = 0; d2 < D / 2; ++d2) {
+            const __m512i a = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), in0, idx0, src + d2, 4);
+            const __m512i b = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), in1, idx1, src + d2, 4);
+            _mm512_storeu_si512(dst + 2 * d2 * padded + key0, _mm512_permutex2var_epi16(a, even, b));
+            _mm512_storeu_si512(dst + (2 * d2 + 1) * padded + key0, _mm512_permutex2var_epi16(a, odd, b));
+          }
+        }
+      }
+    amx_configure_prefill();
+    alignas(64) uint32_t qt[128 * 16];          // Q^T: [D / 2 pairs][16 rows] of bf16 pairs
+    alignas(64) bf16 ktail[kPfKeys * 256];     // the last block's keys, zero-padded
+    alignas(64) float s[kPfKeys * 16], ot[256 * 16], c[64 * 16];
+    alignas(64) uint32_t pt[16 * 16];           // P^T: [16 key pairs][16 rows] of bf16 pairs
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < task_off[P]; ++t) {
+      const int64_t p = std::upper_bound(task_off.begin(), task_off.end(), t) - task_off.begin() - 1;
+      const int64_t n = lens[p], blocks = (n + 15) / 16, local = t - task_off[p];
+      const int64_t qb = blocks - 1 - local / Hq, h = local % Hq, hk = h / G;  // longest rows first
+      const int64_t row0 = qb * 16, rows = std::min<int64_t>(16, n - row0), kend = row0 + rows;
+      const int64_t padded = off[p + 1] - off[p];
+      // Q^T pairs: lane r = row row0 + r (rows past the prompt repeat its last row; not written out)
+      const __m512i qidx = _mm512_mullo_epi32(_mm512_min_epi32(row_ids, _mm512_set1_epi32(rows - 1)),
+                                              _mm512_set1_epi32(static_cast<int>(q_stride / 2)));
+      const int* qbase = reinterpret_cast<const int*>(q + (starts[p] + row0) * q_stride + h * D);
+      for (int64_t d2 = 0; d2 < D / 2; ++d2)
+        _mm512_store_si512(qt + d2 * 16, _mm512_i32gather_epi32(qidx, qbase + d2, 4));
+      __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
+      std::memset(ot, 0, sizeof(float) * 16 * D);
+      const bf16* kp = k + starts[p] * k_stride + hk * D;
+      const bf16* vp = vt + (hk * off[P] + off[p]) * D;
+      for (int64_t key0 = 0; key0 < kend; key0 += kPfKeys) {
+        const bool two = key0 + 16 < kend;
+        const bf16* kblk = kp + key0 * k_stride;
+        int64_t kstr = k_stride;
+        if (key0 + kPfKeys > n) {  // keys past the prompt: zeros (never read out of bounds)
+          const int64_t have = n - key0;
+          for (int64_t j = 0; j < kPfKeys; ++j) {
+            if (j < have)
+              std::memcpy(ktail + j * D, kblk + j * k_stride, D * sizeof(bf16));
+            else
+              std::memset(ktail + j * D, 0, D * sizeof(bf16));
+          }
+          kblk = ktail;
+          kstr = D;
+        }
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t cc = 0; cc < DC; ++cc) {
+          _tile_loadd(1, qt + cc * 256, 64);
+          _tile_loadd(0, kblk + cc * 32, kstr * sizeof(bf16));
+          _tile_dpbf16ps(2, 0, 1);
+          if (two) {
+            _tile_loadd(0, kblk + 16 * kstr + cc * 32, kstr * sizeof(bf16));
+            _tile_dpbf16ps(3, 0, 1);
+          }
+        }
+        _tile_stored(2, s, 64);
+        _tile_stored(3, s + 256, 64);
+        // Key j is visible to lane r iff key0 + j <= row0 + r.
+        const int64_t nkeys = two ? kPfKeys : 16;
+        __m512 sv[kPfKeys];
+        __m512 mnew = m;
+        for (int64_t j = 0; j < nkeys; ++j) {
+          const int64_t first = key0 + j - row0;  // first lane that sees key j
+          const __mmask16 vis = first <= 0 ? 0xffff : first >= 16 ? 0 : static_cast<__mmask16>(0xffffu << first);
+          sv[j] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), vis, _mm512_load_ps(s + j * 16), _mm512_set1_ps(scale));
+          mnew = _mm512_max_ps(mnew, sv[j]);
+        }
+        const __m512 corr = exp16(_mm512_sub_ps(m, mnew));  // lanes' first block: exp(-inf) = 0
+        m = mnew;
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < kPfKeys; j += 2) {
+          __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+          if (j < nkeys) {
+            p0 = exp16(_mm512_sub_ps(sv[j], mnew));
+            p1 = exp16(_mm512_sub_ps(sv[j + 1], mnew));
+            sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+          }
+          // bf16 pairs (key j, key j + 1) per lane
+          const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);
+          _mm512_store_si512(pt + (j / 2) * 16, _mm512_permutexvar_epi16(pair_perm, both));
+        }
+        l = _mm512_fmadd_ps(l, corr, sum);
+        _tile_loadd(5, pt, 64);
+        for (int64_t db0 = 0; db0 < DB; db0 += 4) {  // up to 4 dim blocks in flight: C in 2, 3, 6, 7
+          const int64_t nb = std::min<int64_t>(4, DB - db0);
+          const bf16* va = vp + db0 * 16 * padded + key0;
+          const size_t vs = padded * sizeof(bf16);
+          _tile_zero(2);
+          _tile_loadd(0, va, vs);
+          _tile_dpbf16ps(2, 0, 5);
+          if (nb > 1) {
+            _tile_zero(3);
+            _tile_loadd(1, va + 16 * padded, vs);
+            _tile_dpbf16ps(3, 1, 5);
+          }
+          if (nb > 2) {
+            _tile_zero(6);
+            _tile_loadd(4, va + 32 * padded, vs);
+            _tile_dpbf16ps(6, 4, 5);
+          }
+          if (nb > 3) {
+            _tile_zero(7);
+            _tile_loadd(0, va + 48 * padded, vs);
+            _tile_dpbf16ps(7, 0, 5);
+          }
+          _tile_stored(2, c, 64);
+          if (nb > 1) _tile_stored(3, c + 256, 64);
+          if (nb > 2) _tile_stored(6, c + 512, 64);
+          if (nb > 3) _tile_stored(7, c + 768, 64);
+          for (int64_t i = 0; i < nb * 16; ++i) {
+            float* orow = ot + (db0 * 16 + i) * 16;
+            _mm512_store_ps(orow, _mm512_fmadd_ps(_mm512_load_ps(orow), corr, _mm512_load_ps(c + i * 16)));
+          }
+        }
+      }
+      // out[row] = O^T column / l
+      alignas(64) float inv_l[16];
+      _mm512_store_ps(inv_l, _mm512_div_ps(_mm512_set1_ps(1.0f), l));
+      const __m512i col = _mm512_mullo_epi32(row_ids, _mm512_set1_epi32(16));
+      for (int64_t r = 0; r < rows; ++r) {
+        bf16* dst = out + ((starts[p] + row0 + r) * Hq + h) * D;
+        const __m512 inv = _mm512_set1_ps(inv_l[r]);
+        for (int64_t d = 0; d < D; d += 16) {
+          const __m512 o = _mm512_i32gather_ps(col, ot + d * 16 + r, 4);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), to_bf16(_mm512_mul_ps(o, inv)));
+        }
+      }
+    }
+    _tile_release();
+  }
+}
 #endif
 
 }  // namespace
@@ -997,6 +1195,25 @@ void kv_decode_matmul_bf16(const void* x, int64_t M, int64_t K, const void* Wv, 
   (void)allow_amx;
 #endif
   decode_matmul_dp(xb, M, K, w, N, o);
+}
+
+// Causal attention of fresh prompts (see prefill_attention_amx): returns 0, doing nothing, where
+// it does not apply (no AMX, D not a multiple of 32 or over 256); the caller then runs SDPA.
+int kv_prefill_attention_bf16(const void* q, const void* k, const void* v, void* out, const int64_t* starts,
+                              const int64_t* lens, int64_t P, int64_t Hq, int64_t Hk, int64_t D, int64_t q_stride,
+                              int64_t k_stride, int64_t v_stride, float scale) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (!amx_granted() || D % 32 != 0 || D > 256 || Hk <= 0 || Hq % Hk != 0) return 0;
+  for (int64_t p = 0; p < P; ++p)  // gather offsets (rows x stride / 2) are 32-bit
+    if ((lens[p] + 32) * std::max(q_stride, v_stride) / 2 >= (int64_t{1} << 31)) return 0;
+  prefill_attention_amx(static_cast<const bf16*>(q), static_cast<const bf16*>(k), static_cast<const bf16*>(v),
+                        static_cast<bf16*>(out), starts, lens, P, Hq, Hk, D, q_stride, k_stride, v_stride, scale);
+  return 1;
+#else
+  (void)q, (void)k, (void)v, (void)out, (void)starts, (void)lens, (void)P, (void)Hq, (void)Hk, (void)D;
+  (void)q_stride, (void)k_stride, (void)v_stride, (void)scale;
+  return 0;
+#endif
 }
 
 }  // extern "C"
