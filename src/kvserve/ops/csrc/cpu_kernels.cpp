@@ -112,6 +112,22 @@ inline __m512 exp16(__m512 x0) {
   v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(x0, _mm512_set1_ps(88.7228f), _CMP_GT_OQ), _mm512_set1_ps(INFINITY));
   return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(x0, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ), _mm512_setzero_ps());
 }
+// e^x for x <= 0 (attention's scores less their running max): exp16's steps with the power of two
+// applied by vscalefps. Below -87.3 (-inf included) it returns e^-87.3 (~1.2e-38), not 0: callers
+// mask those lanes.
+inline __m512 exp16_nonpos(__m512 x0) {
+  const __m512 x = _mm512_max_ps(x0, _mm512_set1_ps(-87.33654f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  return _mm512_scalef_ps(_mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f)), n);
+}
 #endif
 
 // ---- RMSNorm (with the residual add fused) -------------------------------------------------
@@ -908,16 +924,17 @@ void decode_matmul_amx(const bf16* x, int64_t M, int64_t K, const bf16* Wv, int6
 
 // ---- Causal attention of fresh prompts (AMX) -------------------------------------------------
 // Prompts whose keys are all their own (positions 0..n-1, nothing cached): the step's q/k/v rows.
-// Each task (prompt, q head, 16 query rows) runs a flash loop over blocks of 32 keys up to its
+// Each task (prompt, q head, 16 query rows) runs a flash loop over blocks of 64 keys up to its
 // causal limit, in transposed form so that vector lanes are query rows and the online softmax
 // needs no horizontal reductions:
-//   S^T [32 keys][16 rows] = K [keys][D] . Q^T       (A: K rows read in place; B: Q^T in pairs)
+//   S^T [64 keys][16 rows] = K [keys][D] . Q^T       (A: K rows read in place; B: Q^T in pairs)
 //   O^T [D][16 rows]      += V^T [D][keys] . P^T      (A: V^T, built once per (prompt, kv head);
 //                                                      B: P^T in key pairs)
 // max / sum in float32, P rounded to bf16 for the PV multiply (as torch's CPU flash attention),
-// O accumulated in float32. Tiles: QK: 0 = K rows, 1 = Q^T, 2-3 = S^T (keys 0-15, 16-31);
-// PV: 5 = P^T, 0 / 1 / 4 = V^T blocks, 2 / 3 / 6 / 7 = four 16-dim blocks of O^T in flight.
-constexpr int64_t kPfKeys = 32;  // keys per flash block
+// O accumulated in float32. Tiles: QK: 0 = K rows, 1 = Q^T, 2 / 3 / 6 / 7 = S^T of keys 0-15,
+// 16-31, 32-47, 48-63; PV: 4 / 5 = P^T of keys 0-31 / 32-63, 0 / 1 = V^T, 2 / 3 / 6 / 7 = four
+// 16-dim blocks of O^T in flight.
+constexpr int64_t kPfKeys = 64;  // keys per flash block
 
 inline void amx_configure_prefill() {
   TileConfig cfg;
@@ -927,6 +944,20 @@ inline void amx_configure_prefill() {
   }
   _tile_loadconfig(&cfg);
 }
+
+// O^T tile C (16 dims x 16 rows) = V^T block (16 dims x 32 or 64 keys at va, row stride vs
+// bytes) . P^T (tile 4: keys 0-31, tile 5: keys 32-63 when `second`); A tiles 0 and 1. A macro:
+// the tile intrinsics take tile numbers as literals.
+#define KV_PV_BLOCK(C, va, vs, second) \
+  do {                                 \
+    _tile_zero(C);                     \
+    _tile_loadd(0, (va), (vs));        \
+    _tile_dpbf16ps(C, 0, 4);           \
+    if (second) {                      \
+      _tile_loadd(1, (va) + 32, (vs)); \
+      _tile_dpbf16ps(C, 1, 5);         \
+    }                                  \
+  } while (0)
 
 void prefill_attention_amx(const bf16* q, const bf16* k, const bf16* v, bf16* out, const int64_t* starts,
                            const int64_t* lens, int64_t P, int64_t Hq, int64_t Hk, int64_t D, int64_t q_stride,
@@ -983,7 +1014,7 @@ void prefill_attention_amx(const bf16* q, const bf16* k, const bf16* v, bf16* ou
     alignas(64) uint32_t qt[128 * 16];          // Q^T: [D / 2 pairs][16 rows] of bf16 pairs
     alignas(64) bf16 ktail[kPfKeys * 256];     // the last block's keys, zero-padded
     alignas(64) float s[kPfKeys * 16], ot[256 * 16], c[64 * 16];
-    alignas(64) uint32_t pt[16 * 16];           // P^T: [16 key pairs][16 rows] of bf16 pairs
+    alignas(64) uint32_t pt[kPfKeys / 2 * 16];  // P^T: [key pairs][16 rows] of bf16 pairs
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < task_off[P]; ++t) {
       const int64_t p = std::upper_bound(task_off.begin(), task_off.end(), t) - task_off.begin() - 1;
@@ -1002,7 +1033,7 @@ void prefill_attention_amx(const bf16* q, const bf16* k, const bf16* v, bf16* ou
       const bf16* kp = k + starts[p] * k_stride + hk * D;
       const bf16* vp = vt + (hk * off[P] + off[p]) * D;
       for (int64_t key0 = 0; key0 < kend; key0 += kPfKeys) {
-        const bool two = key0 + 16 < kend;
+        const int64_t nt = std::min<int64_t>(4, (kend - key0 + 15) / 16);  // S^T tiles of 16 keys needed
         const bf16* kblk = kp + key0 * k_stride;
         int64_t kstr = k_stride;
         if (key0 + kPfKeys > n) {  // keys past the prompt: zeros (never read out of bounds)
@@ -1016,67 +1047,74 @@ void prefill_attention_amx(const bf16* q, const bf16* k, const bf16* v, bf16* ou
           kblk = ktail;
           kstr = D;
         }
+        // S^T: tiles 2, 3, 6, 7 hold keys 0-15, 16-31, 32-47, 48-63 of the block
         _tile_zero(2);
-        _tile_zero(3);
+        if (nt > 1) _tile_zero(3);
+        if (nt > 2) _tile_zero(6);
+        if (nt > 3) _tile_zero(7);
+        const size_t ks = kstr * sizeof(bf16);
         for (int64_t cc = 0; cc < DC; ++cc) {
           _tile_loadd(1, qt + cc * 256, 64);
-          _tile_loadd(0, kblk + cc * 32, kstr * sizeof(bf16));
+          _tile_loadd(0, kblk + cc * 32, ks);
           _tile_dpbf16ps(2, 0, 1);
-          if (two) {
-            _tile_loadd(0, kblk + 16 * kstr + cc * 32, kstr * sizeof(bf16));
+          if (nt > 1) {
+            _tile_loadd(0, kblk + 16 * kstr + cc * 32, ks);
             _tile_dpbf16ps(3, 0, 1);
+          }
+          if (nt > 2) {
+            _tile_loadd(0, kblk + 32 * kstr + cc * 32, ks);
+            _tile_dpbf16ps(6, 0, 1);
+          }
+          if (nt > 3) {
+            _tile_loadd(0, kblk + 48 * kstr + cc * 32, ks);
+            _tile_dpbf16ps(7, 0, 1);
           }
         }
         _tile_stored(2, s, 64);
-        _tile_stored(3, s + 256, 64);
+        if (nt > 1) _tile_stored(3, s + 256, 64);
+        if (nt > 2) _tile_stored(6, s + 512, 64);
+        if (nt > 3) _tile_stored(7, s + 768, 64);
         // Key j is visible to lane r iff key0 + j <= row0 + r.
-        const int64_t nkeys = two ? kPfKeys : 16;
-        __m512 sv[kPfKeys];
-        __m512 mnew = m;
+        const int64_t nkeys = nt * 16;
+        __mmask16 vis[kPfKeys];
+        __m512 mx[4] = {m, m, m, m};  // four independent max chains
         for (int64_t j = 0; j < nkeys; ++j) {
           const int64_t first = key0 + j - row0;  // first lane that sees key j
-          const __mmask16 vis = first <= 0 ? 0xffff : first >= 16 ? 0 : static_cast<__mmask16>(0xffffu << first);
-          sv[j] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), vis, _mm512_load_ps(s + j * 16), _mm512_set1_ps(scale));
-          mnew = _mm512_max_ps(mnew, sv[j]);
+          vis[j] = first <= 0 ? 0xffff : first >= 16 ? 0 : static_cast<__mmask16>(0xffffu << first);
+          const __m512 sj = _mm512_mul_ps(_mm512_load_ps(s + j * 16), _mm512_set1_ps(scale));
+          _mm512_store_ps(s + j * 16, sj);
+          mx[j % 4] = _mm512_mask_max_ps(mx[j % 4], vis[j], mx[j % 4], sj);
         }
-        const __m512 corr = exp16(_mm512_sub_ps(m, mnew));  // lanes' first block: exp(-inf) = 0
+        const __m512 mnew = _mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3]));
+        // Every lane has seen key 0 in the first block, so mnew is finite; there m = -inf and corr
+        // is ~1e-38, multiplying l = 0 and O = 0.
+        const __m512 corr = exp16_nonpos(_mm512_sub_ps(m, mnew));
         m = mnew;
-        __m512 sum = _mm512_setzero_ps();
+        __m512 sums[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int64_t j = 0; j < kPfKeys; j += 2) {
           __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
           if (j < nkeys) {
-            p0 = exp16(_mm512_sub_ps(sv[j], mnew));
-            p1 = exp16(_mm512_sub_ps(sv[j + 1], mnew));
-            sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+            p0 = _mm512_maskz_mov_ps(vis[j], exp16_nonpos(_mm512_sub_ps(_mm512_load_ps(s + j * 16), mnew)));
+            p1 = _mm512_maskz_mov_ps(vis[j + 1], exp16_nonpos(_mm512_sub_ps(_mm512_load_ps(s + j * 16 + 16), mnew)));
+            sums[j % 4] = _mm512_add_ps(sums[j % 4], p0);
+            sums[j % 4 + 1] = _mm512_add_ps(sums[j % 4 + 1], p1);
           }
-          // bf16 pairs (key j, key j + 1) per lane
+          // bf16 pairs (key j, key j + 1) per lane: P^T rows, keys 0-31 then 32-63
           const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);
           _mm512_store_si512(pt + (j / 2) * 16, _mm512_permutexvar_epi16(pair_perm, both));
         }
-        l = _mm512_fmadd_ps(l, corr, sum);
-        _tile_loadd(5, pt, 64);
+        l = _mm512_fmadd_ps(l, corr, _mm512_add_ps(_mm512_add_ps(sums[0], sums[1]), _mm512_add_ps(sums[2], sums[3])));
+        _tile_loadd(4, pt, 64);
+        const bool second = nkeys > 32;
+        if (second) _tile_loadd(5, pt + 256, 64);
         for (int64_t db0 = 0; db0 < DB; db0 += 4) {  // up to 4 dim blocks in flight: C in 2, 3, 6, 7
           const int64_t nb = std::min<int64_t>(4, DB - db0);
-          const bf16* va = vp + db0 * 16 * padded + key0;
           const size_t vs = padded * sizeof(bf16);
-          _tile_zero(2);
-          _tile_loadd(0, va, vs);
-          _tile_dpbf16ps(2, 0, 5);
-          if (nb > 1) {
-            _tile_zero(3);
-            _tile_loadd(1, va + 16 * padded, vs);
-            _tile_dpbf16ps(3, 1, 5);
-          }
-          if (nb > 2) {
-            _tile_zero(6);
-            _tile_loadd(4, va + 32 * padded, vs);
-            _tile_dpbf16ps(6, 4, 5);
-          }
-          if (nb > 3) {
-            _tile_zero(7);
-            _tile_loadd(0, va + 48 * padded, vs);
-            _tile_dpbf16ps(7, 0, 5);
-          }
+          const bf16* va = vp + db0 * 16 * padded + key0;  // V^T rows of the first dim block
+          KV_PV_BLOCK(2, va, vs, second);
+          if (nb > 1) KV_PV_BLOCK(3, va + 16 * padded, vs, second);
+          if (nb > 2) KV_PV_BLOCK(6, va + 32 * padded, vs, second);
+          if (nb > 3) KV_PV_BLOCK(7, va + 48 * padded, vs, second);
           _tile_stored(2, c, 64);
           if (nb > 1) _tile_stored(3, c + 256, 64);
           if (nb > 2) _tile_stored(6, c + 512, 64);
@@ -1103,6 +1141,7 @@ void prefill_attention_amx(const bf16* q, const bf16* k, const bf16* v, bf16* ou
     _tile_release();
   }
 }
+#undef KV_PV_BLOCK
 #endif
 
 }  // namespace
