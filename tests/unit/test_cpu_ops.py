@@ -45,6 +45,7 @@ def test_silu_and_mul_matches_reference(dtype):
     x = (torch.randn(19, 2 * 1536) * 4).to(dtype)
     x[0, :8] = torch.tensor([0.0, -0.0, 100.0, -100.0, 88.0, -88.0, 1e-30, -1e-30]).to(dtype)
     x[0, 1536 + 6 : 1536 + 8] = torch.tensor([1e-9, 3e-9]).to(dtype)  # products below float's normal range
+    x[0, 8:14] = torch.tensor([-88.5, 88.5, -88.25, -89.0, 89.0, -87.5]).to(dtype)  # exp(-gate) near overflow
     gate, up = x.chunk(2, dim=-1)
     expected = torch.nn.functional.silu(gate) * up
     out = cpu_ops.silu_and_mul(x)

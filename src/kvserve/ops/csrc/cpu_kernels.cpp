@@ -51,9 +51,10 @@ template <> inline float rnd<float>(float v) { return v; }
 template <> inline float rnd<bf16>(float v) { return bf2f(f2bf(v)); }
 
 // exp for float32, Cephes-style (range reduction + degree-6 polynomial), ~1 ulp; vectorizes.
-// Overflows to inf like expf; below -87.3 returns 0 (expf gives denormals there).
+// Overflows to inf like expf (2^n applied in two steps, each a normal float); below -87.3 returns
+// 0 (expf gives denormals there).
 inline float exp_f32(float x0) {
-  float x = x0 < -87.33654f ? -87.33654f : (x0 > 88.37626f ? 88.37626f : x0);  // ternaries vectorize
+  float x = x0 < -87.33654f ? -87.33654f : (x0 > 100.0f ? 100.0f : x0);  // ternaries vectorize
   float n = std::floor(x * 1.44269504088896341f + 0.5f);
   float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -63,9 +64,9 @@ inline float exp_f32(float x0) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   float y = p * r * r + r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float v = y * __builtin_bit_cast(float, e);
-  return x0 > 88.7228f ? INFINITY : (x0 < -87.33654f ? 0.0f : v);
+  const int32_t ni = static_cast<int32_t>(n), n1 = ni >> 1, n2 = ni - n1;  // n in [-126, 145]
+  float v = y * __builtin_bit_cast(float, (n1 + 127) << 23) * __builtin_bit_cast(float, (n2 + 127) << 23);
+  return x0 < -87.33654f ? 0.0f : v;
 }
 
 #ifdef __AVX512F__
@@ -94,9 +95,9 @@ template <> inline __m512 rnd16<float>(__m512 v) { return v; }
 template <> inline __m512 rnd16<bf16>(__m512 v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
 }
-// exp_f32 on 16 lanes, the same steps.
+// exp_f32 on 16 lanes, the same steps; vscalefps applies 2^n exactly (inf on overflow).
 inline __m512 exp16(__m512 x0) {
-  const __m512 x = _mm512_min_ps(_mm512_max_ps(x0, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.37626f));
+  const __m512 x = _mm512_min_ps(_mm512_max_ps(x0, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(100.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
@@ -107,9 +108,7 @@ inline __m512 exp16(__m512 x0) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  __m512 v = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-  v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(x0, _mm512_set1_ps(88.7228f), _CMP_GT_OQ), _mm512_set1_ps(INFINITY));
+  const __m512 v = _mm512_scalef_ps(y, n);
   return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(x0, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ), _mm512_setzero_ps());
 }
 // e^x for x <= 0 (attention's scores less their running max): exp16's steps with the power of two
