@@ -5,7 +5,7 @@ Per step the batch splits three ways:
   no gather, no padding, no mask tensor;
 - prefill chunks with no cached context (a fresh prompt's first chunk): attention straight on
   this step's packed q/k/v rows, the cache is only written: in bf16 with AMX the prefill kernel
-  (all such chunks in one call; 8 x 256 tokens 1.8-2.0 vs 2.5-2.9 ms per layer for SDPA with
+  (all such chunks in one call; 8 x 256 tokens 1.65 vs 2.5-2.9 ms per layer for SDPA with
   its copies), else causal SDPA (the reference), one call per run of equal-length chunks;
 - prefill chunks after cached context (prefix-cache hits, later chunks): the torch reference's
   gather + SDPA, whose GEMMs are faster than the kernel's loops on long query runs.

@@ -201,11 +201,15 @@ def prefill_attention(
 ) -> bool:
     """Causal attention of fresh prompts over their own keys (AMX kernel, bfloat16). Returns False,
     doing nothing, where the kernel does not apply; the caller then runs SDPA, its reference."""
-    if _code(q, k, v, out) != 1 or not out.is_contiguous() or q.dim() != 3 or k.shape != v.shape:
+    if _code(q, k, v, out) != 1 or not out.is_contiguous() or q.dim() != 3 or out.shape != q.shape:
+        return False
+    if k.shape != v.shape or k.dim() != 3 or k.shape[0] != q.shape[0]:
         return False
     if any(t.stride(2) != 1 or t.stride(1) != t.shape[2] for t in (q, k, v)):
         return False
     if any(t.dtype != torch.int64 or not t.is_contiguous() or t.device.type != "cpu" for t in (starts, lens)):
+        return False
+    if starts.numel() and int((starts + lens).max()) > q.shape[0]:
         return False
     _, num_heads, head_dim = q.shape
     return bool(

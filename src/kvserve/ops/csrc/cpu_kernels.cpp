@@ -1242,8 +1242,8 @@ int kv_prefill_attention_bf16(const void* q, const void* k, const void* v, void*
                               int64_t k_stride, int64_t v_stride, float scale) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
   if (!amx_granted() || D % 32 != 0 || D > 256 || Hk <= 0 || Hq % Hk != 0) return 0;
-  for (int64_t p = 0; p < P; ++p)  // gather offsets (rows x stride / 2) are 32-bit
-    if ((lens[p] + 32) * std::max(q_stride, v_stride) / 2 >= (int64_t{1} << 31)) return 0;
+  for (int64_t p = 0; p < P; ++p)  // gather offsets (rows x stride / 2, rows up to the padded length) are 32-bit
+    if ((lens[p] + kPfKeys) * std::max(q_stride, v_stride) / 2 >= (int64_t{1} << 31)) return 0;
   prefill_attention_amx(static_cast<const bf16*>(q), static_cast<const bf16*>(k), static_cast<const bf16*>(v),
                         static_cast<bf16*>(out), starts, lens, P, Hq, Hk, D, q_stride, k_stride, v_stride, scale);
   return 1;
