@@ -95,27 +95,9 @@ template <> inline __m512 rnd16<float>(__m512 v) { return v; }
 template <> inline __m512 rnd16<bf16>(__m512 v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
 }
-// exp_f32 on 16 lanes, the same steps; vscalefps applies 2^n exactly (inf on overflow).
-inline __m512 exp16(__m512 x0) {
-  const __m512 x = _mm512_min_ps(_mm512_max_ps(x0, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(100.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  const __m512 v = _mm512_scalef_ps(y, n);
-  return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(x0, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ), _mm512_setzero_ps());
-}
-// e^x for x <= 0 (attention's scores less their running max): exp16's steps with the power of two
-// applied by vscalefps. Below -87.3 (-inf included) it returns e^-87.3 (~1.2e-38), not 0: callers
-// mask those lanes.
-inline __m512 exp16_nonpos(__m512 x0) {
-  const __m512 x = _mm512_max_ps(x0, _mm512_set1_ps(-87.33654f));
+// e^x on 16 lanes for x already clamped to [-87.34, 100]: exp_f32's steps, vscalefps applying 2^n
+// exactly (inf on overflow).
+inline __m512 exp16_in_range(__m512 x) {
   const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
@@ -127,6 +109,14 @@ inline __m512 exp16_nonpos(__m512 x0) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   return _mm512_scalef_ps(_mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f)), n);
 }
+// exp_f32 on 16 lanes: the same results (0 below -87.34, inf on overflow).
+inline __m512 exp16(__m512 x0) {
+  const __m512 v = exp16_in_range(_mm512_min_ps(_mm512_max_ps(x0, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(100.0f)));
+  return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(x0, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ), _mm512_setzero_ps());
+}
+// e^x for x <= 0 (attention's scores less their running max). Below -87.34 (-inf included) it
+// returns e^-87.34 (~1.2e-38), not 0: callers mask those lanes.
+inline __m512 exp16_nonpos(__m512 x0) { return exp16_in_range(_mm512_max_ps(x0, _mm512_set1_ps(-87.33654f))); }
 #endif
 
 // ---- RMSNorm (with the residual add fused) -------------------------------------------------
