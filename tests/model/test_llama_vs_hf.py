@@ -16,6 +16,7 @@ import torch
 import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from kvserve.attention.cpu_paged import CpuAttentionBackend
 from kvserve.attention.metadata import build_attention_metadata
 from kvserve.attention.torch_ref import TorchAttentionBackend
 from kvserve.forward_context import set_forward_context
@@ -24,6 +25,7 @@ from kvserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear,
 from kvserve.layers.rotary import rope_inv_freq
 from kvserve.model.config_loader import default_model_path, load_model_config
 from kvserve.model.loader import load_model
+from kvserve.ops import cpu_ops
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 32
@@ -149,6 +151,28 @@ def test_bfloat16_error_is_bfloat16_sized(tmp_path):
     hf_logits = _hf_outputs(hf, ids)[1]
     hf_bf16_logits = _hf_outputs(hf.to(torch.bfloat16), ids)[1].float()
     hf_error = (hf_bf16_logits - hf_logits).abs().max()
+    assert (logits - hf_logits).abs().max() <= 2 * hf_error
+
+
+def test_bfloat16_on_the_cpu_backend_is_bfloat16_sized(tmp_path, monkeypatch):
+    """The CPU backend's kernels in bfloat16 (head size 64: the AMX prefill kernel where the CPU has
+    it, else SDPA) stay as close to HF float32 as HF's own bfloat16 run."""
+    config_cls, model_cls, overrides = TINY_MODELS["llama_gqa_tied"]
+    hf = _save_tiny_hf_model(tmp_path, config_cls, model_cls, **{**overrides, "hidden_size": 256})
+    model = _load_kvserve(tmp_path, dtype="bfloat16")
+    backend = CpuAttentionBackend()
+    for module in model.modules():
+        if isinstance(module, Attention):
+            assert module.head_dim == 64
+            module.backend = backend
+    applied = []
+    prefill = cpu_ops.prefill_attention
+    monkeypatch.setattr(cpu_ops, "prefill_attention", lambda *a: applied.append(prefill(*a)) or applied[-1])
+    ids = _prompt(37, seed=7)  # 37 rows: a partial tile of 16 and a partial block of keys
+    logits = model.compute_logits(_step(model, [ids], [len(ids)], [list(range(10))]))
+    assert applied and all(a == (cpu_ops.decode_matmul_max_rows(32, 16) > 4) for a in applied)  # AMX: kernel
+    hf_logits = _hf_outputs(hf, ids)[1]
+    hf_error = (_hf_outputs(hf.to(torch.bfloat16), ids)[1].float() - hf_logits).abs().max()
     assert (logits - hf_logits).abs().max() <= 2 * hf_error
 
 
