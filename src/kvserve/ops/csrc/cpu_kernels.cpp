@@ -1066,15 +1066,16 @@ void prefill_attention_amx(const bf16* q, const bf16* k, const bf16* v, bf16* ou
         // Key j is visible to lane r iff key0 + j <= row0 + r.
         const int64_t nkeys = nt * 16;
         __mmask16 vis[kPfKeys];
-        __m512 mx[4] = {m, m, m, m};  // four independent max chains
+        // Maxima of the raw scores, then scaled (scale > 0: the same as the max of scaled scores).
+        const __m512 ninf = _mm512_set1_ps(-INFINITY), sc = _mm512_set1_ps(scale);
+        __m512 mx[4] = {ninf, ninf, ninf, ninf};  // four independent max chains
         for (int64_t j = 0; j < nkeys; ++j) {
           const int64_t first = key0 + j - row0;  // first lane that sees key j
           vis[j] = first <= 0 ? 0xffff : first >= 16 ? 0 : static_cast<__mmask16>(0xffffu << first);
-          const __m512 sj = _mm512_mul_ps(_mm512_load_ps(s + j * 16), _mm512_set1_ps(scale));
-          _mm512_store_ps(s + j * 16, sj);
-          mx[j % 4] = _mm512_mask_max_ps(mx[j % 4], vis[j], mx[j % 4], sj);
+          mx[j % 4] = _mm512_mask_max_ps(mx[j % 4], vis[j], mx[j % 4], _mm512_load_ps(s + j * 16));
         }
-        const __m512 mnew = _mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3]));
+        const __m512 mnew =
+            _mm512_max_ps(m, _mm512_mul_ps(_mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3])), sc));
         // Every lane has seen key 0 in the first block, so mnew is finite; there m = -inf and corr
         // is ~1e-38, multiplying l = 0 and O = 0.
         const __m512 corr = exp16_nonpos(_mm512_sub_ps(m, mnew));
@@ -1083,8 +1084,8 @@ void prefill_attention_amx(const bf16* q, const bf16* k, const bf16* v, bf16* ou
         for (int64_t j = 0; j < kPfKeys; j += 2) {
           __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
           if (j < nkeys) {
-            p0 = _mm512_maskz_mov_ps(vis[j], exp16_nonpos(_mm512_sub_ps(_mm512_load_ps(s + j * 16), mnew)));
-            p1 = _mm512_maskz_mov_ps(vis[j + 1], exp16_nonpos(_mm512_sub_ps(_mm512_load_ps(s + j * 16 + 16), mnew)));
+            p0 = _mm512_maskz_mov_ps(vis[j], exp16_nonpos(_mm512_fmsub_ps(_mm512_load_ps(s + j * 16), sc, mnew)));
+            p1 = _mm512_maskz_mov_ps(vis[j + 1], exp16_nonpos(_mm512_fmsub_ps(_mm512_load_ps(s + j * 16 + 16), sc, mnew)));
             sums[j % 4] = _mm512_add_ps(sums[j % 4], p0);
             sums[j % 4 + 1] = _mm512_add_ps(sums[j % 4 + 1], p1);
           }
