@@ -113,9 +113,7 @@ class CpuAttentionBackend(AttentionBackend):
         out = torch.empty(q.shape, dtype=q.dtype)
         fresh_done = bool(plan.fresh) and cpu_ops.prefill_attention(
             q, k, v, out, plan.fresh_starts, plan.fresh_lens, scale
-        )  # reads q's rows in place
-        if not fresh_done or plan.cascade is not None or plan.decode_reqs.numel() or plan.context is not None:
-            q = q.contiguous()  # the paged kernel and the references take contiguous rows
+        )  # q, k, v: the step's strided rows, read in place (as the references below do)
         if plan.cascade is not None:
             init_out, init_lse = _shared_prefix_attention(q, kv_cache, plan.cascade, scale)
             self._kernel(q, kv_cache, out, meta, plan.cascade.reqs, scale,
@@ -137,7 +135,8 @@ class CpuAttentionBackend(AttentionBackend):
     @staticmethod
     def _kernel(q, kv_cache, out, meta, reqs, scale, skip_blocks=0, init_out=None, init_lse=None) -> None:
         applied = cpu_ops.paged_attention(
-            q, kv_cache, out, meta.block_tables_host, meta.seq_lens, meta.query_start_loc_host, reqs, scale,
+            q.contiguous(),  # the kernel reads q as contiguous rows; the step hands over strided views
+            kv_cache, out, meta.block_tables_host, meta.seq_lens, meta.query_start_loc_host, reqs, scale,
             skip_blocks, init_out, init_lse,
         )  # fmt: skip
         if not applied:

@@ -823,17 +823,14 @@ inline bool amx_granted() {
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-// Pairs of column blocks, each through all rows in passes of up to 32 before the next pair, so
-// the weights stream from memory once (x is re-read from cache instead). Per pass: tiles 0-3
-// accumulate (row tile r, block c), 4-5 hold the two blocks' B tiles, 6-7 the two row tiles of x;
-// each k step of 32 loads 2 KB of weights for 4 tile multiplies.
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
 
-// Tiles for a pass whose two row tiles have rows0 and rows1 rows (rows1 <= 0: one row tile).
+// Eight tiles of 64-byte rows; tiles 0 / 2 / 6 get rows0 rows, 1 / 3 / 7 rows1 (at least 1), 4 / 5
+// 16. The decode matmul sizes its row tiles so; the prefill attention uses (16, 16).
 inline void amx_configure(int64_t rows0, int64_t rows1) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
@@ -844,6 +841,11 @@ inline void amx_configure(int64_t rows0, int64_t rows1) {
   _tile_loadconfig(&cfg);
 }
 
+// Pairs of column blocks, each through all rows in passes of up to 32 before the next pair, so
+// the weights stream from memory once (x is re-read from cache instead). Per pass: tiles 0-3
+// accumulate (row tile r, block c), 4-5 hold the two blocks' B tiles, 6-7 the two row tiles of x
+// (a pass of rows0 + rows1 rows; rows1 <= 0: one row tile); each k step of 32 loads 2 KB of
+// weights for 4 tile multiplies.
 void decode_matmul_amx(const bf16* x, int64_t M, int64_t K, const bf16* Wv, int64_t N, bf16* out) {
   const int64_t NB = N / 16, block = K * 16;  // elements of one column block
   const int64_t n_pairs = (NB + 1) / 2;
@@ -925,15 +927,6 @@ void decode_matmul_amx(const bf16* x, int64_t M, int64_t K, const bf16* Wv, int6
 // 16-dim blocks of O^T in flight.
 constexpr int64_t kPfKeys = 64;  // keys per flash block
 
-inline void amx_configure_prefill() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
-
 // O^T tile C (16 dims x 16 rows) = V^T block (16 dims x 32 or 64 keys at va, row stride vs
 // bytes) . P^T (tile 4: keys 0-31, tile 5: keys 32-63 when `second`); A tiles 0 and 1. A macro:
 // the tile intrinsics take tile numbers as literals.
@@ -999,7 +992,7 @@ void prefill_attention_amx(const bf16* q, const bf16* k, const bf16* v, bf16* ou
           }
         }
       }
-    amx_configure_prefill();
+    amx_configure(16, 16);  // every tile 16 rows of 64 bytes
     alignas(64) uint32_t qt[128 * 16];          // Q^T: [D / 2 pairs][16 rows] of bf16 pairs
     alignas(64) bf16 ktail[kPfKeys * 256];     // the last block's keys, zero-padded
     alignas(64) float s[kPfKeys * 16], ot[256 * 16], c[64 * 16];
