@@ -20,6 +20,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens-while-decoding", type=int, default=None,
+                   help="token budget of a step while requests decode (default: half the budget on a CPU, "
+                   "the whole budget on a GPU)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
@@ -31,7 +34,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         model=args.model_flag or args.model, tokenizer=args.tokenizer, dtype=args.dtype,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_batched_tokens_while_decoding=args.max_num_batched_tokens_while_decoding,
+        block_size=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         seed=args.seed, device=args.device,
     )  # fmt: skip

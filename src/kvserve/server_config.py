@@ -42,6 +42,11 @@ class ServerConfig:
     max_num_batched_tokens: Optional[int] = _opt(
         None, "token budget of one engine step (default: max(2048, max-num-seqs))"
     )
+    max_num_batched_tokens_while_decoding: Optional[int] = _opt(
+        None,
+        "token budget of a step while requests decode: shorter steps, shorter waits for new requests "
+        "(default: half the budget on a CPU, the whole budget on a GPU)",
+    )
     block_size: int = _opt(16, "tokens per KV-cache block")
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache of shared prompt prefixes")
     kv_cache_memory_bytes: Optional[int] = _opt(None, "KV-cache budget in bytes (default: a fraction of free memory)")
@@ -60,6 +65,10 @@ class ServerConfig:
         checks = [
             (0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}"),
             (self.max_queued_requests >= 0, f"max_queued_requests must be >= 0, got {self.max_queued_requests}"),
+            (
+                self.max_num_batched_tokens_while_decoding is None or self.max_num_batched_tokens_while_decoding >= 1,
+                f"max_num_batched_tokens_while_decoding must be >= 1, got {self.max_num_batched_tokens_while_decoding}",
+            ),
             (self.log_stats_interval >= 0, f"log_stats_interval must be >= 0, got {self.log_stats_interval}"),
             (self.shutdown_timeout >= 0, f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}"),
         ]
@@ -89,6 +98,7 @@ class ServerConfig:
         return EngineArgs(
             model=self.model, tokenizer=self.tokenizer, dtype=self.dtype, max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_batched_tokens_while_decoding=self.max_num_batched_tokens_while_decoding,
             block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes, seed=self.seed, device=self.device,
         )  # fmt: skip

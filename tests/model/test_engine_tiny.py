@@ -149,6 +149,34 @@ def test_chunked_prefill_gives_the_same_greedy_output(tiny_llama_dir, tiny_llm):
     assert token_ids(chunked.generate(prompts, params, use_tqdm=False)) == expected
 
 
+def test_short_steps_while_decoding_give_the_same_greedy_output(tiny_llama_dir, tiny_llm):
+    params = SamplingParams(temperature=0, max_tokens=12)
+    prompts = ["word " * 40, "another longer prompt " * 8, "short one"]
+    expected = token_ids(tiny_llm.generate(prompts, params, use_tqdm=False))
+    llm = LLM(tiny_llama_dir, dtype="float32", max_num_batched_tokens=32, kv_cache_memory_bytes=16 << 20)
+    engine = llm.llm_engine
+    assert engine.scheduler.config.max_num_batched_tokens_while_decoding == 16  # CPU default: half
+    schedule, sizes = engine.scheduler.schedule, []  # tokens of each step
+
+    def recording_schedule():
+        out = schedule()
+        sizes.append(out.total_num_scheduled_tokens)
+        return out
+
+    engine.scheduler.schedule = recording_schedule
+    engine.add_request("0", prompts[0], params)
+    got = {}
+    while engine.has_unfinished_requests():
+        if len(sizes) == 3:  # the others join while the first decodes
+            engine.add_request("1", prompts[1], params)
+            engine.add_request("2", prompts[2], params)
+        got.update({o.request_id: list(o.outputs[0].token_ids) for o in engine.step() if o.finished})
+    assert [got[str(i)] for i in range(3)] == expected
+    assert sizes[0] > 16 and max(sizes[3:]) == 16  # the first prompt alone got the full budget
+    with pytest.raises(ValueError, match="max_num_batched_tokens_while_decoding"):
+        LLM(tiny_llama_dir, dtype="float32", max_num_batched_tokens_while_decoding=0)
+
+
 def test_abort_frees_blocks(tiny_llm):
     engine = tiny_llm.llm_engine
     engine.add_request("to-abort", "Hello there", SamplingParams(max_tokens=50))

@@ -44,6 +44,9 @@ def test_json_config_file_and_engine_args(tmp_path):
     assert config.model_names == ("a", "b")
     args = config.engine_args()
     assert (args.max_model_len, args.block_size, args.enable_prefix_caching) == (1024, 32, True)
+    assert args.max_num_batched_tokens_while_decoding is None  # resolved per device by EngineArgs
+    short = parse(["--max-num-batched-tokens-while-decoding", "512"]).engine_args()
+    assert short.max_num_batched_tokens_while_decoding == 512
 
 
 @pytest.mark.parametrize(
@@ -52,6 +55,7 @@ def test_json_config_file_and_engine_args(tmp_path):
      ({"KVSERVE_ENABLE_PREFIX_CACHING": "maybe"}, None, ["KVSERVE_ENABLE_PREFIX_CACHING", "true/false"]),
      ({"KVSERVE_DTYPE": "int3"}, None, ["dtype must be one of"]),
      ({"KVSERVE_PORT": "70000"}, None, ["port must be in"]),
+     ({"KVSERVE_MAX_NUM_BATCHED_TOKENS_WHILE_DECODING": "0"}, None, ["max_num_batched_tokens_while_decoding", ">= 1"]),
      ({}, "max-num-seq: 4\n", ["unknown setting", "max-num-seq"]),
      ({}, "- a list\n", ["expected a mapping"])],
 )  # fmt: skip

@@ -11,9 +11,9 @@ BS = 4
 EOS = 2
 
 
-def make_scheduler(num_blocks=64, budget=64, max_seqs=8, max_len=128, caching=True) -> Scheduler:
+def make_scheduler(num_blocks=64, budget=64, max_seqs=8, max_len=128, caching=True, short=None) -> Scheduler:
     kv = KVCacheManager(num_blocks, BS, caching)
-    return Scheduler(SchedulerConfig(max_seqs, budget, max_len), kv)
+    return Scheduler(SchedulerConfig(max_seqs, budget, max_len, max_num_batched_tokens_while_decoding=short), kv)
 
 
 def make_request(req_id, n_prompt, max_tokens=4, start=10, **params) -> Request:
@@ -65,6 +65,32 @@ def test_long_prompt_is_chunked_while_running_requests_keep_decoding():
     assert s.requests["long"].output_token_ids == [7]
     out, _ = step(s)
     assert out.num_scheduled_tokens == {"short": 1, "long": 1}
+
+
+def test_short_steps_while_decoding_when_the_waiting_prompts_fit_one_full_step():
+    s = make_scheduler(budget=32, short=16)
+    s.add_request(make_request("d1", 4, max_tokens=50))
+    s.add_request(make_request("d2", 4, max_tokens=50, start=20))
+    out, _ = step(s)
+    assert out.num_scheduled_tokens == {"d1": 4, "d2": 4}  # nobody decodes yet: the full budget
+    s.add_request(make_request("p", 24, start=40))
+    chunks = []
+    while s.requests["p"].num_computed_tokens < 24:
+        out, _ = step(s)
+        assert out.num_scheduled_tokens["d1"] == out.num_scheduled_tokens["d2"] == 1
+        chunks.append(out.num_scheduled_tokens["p"])
+    assert chunks == [14, 10]  # 16 tokens a step in all, the two decodes first
+
+
+def test_prompts_keep_half_the_short_step_when_decodes_fill_it():
+    s = make_scheduler(budget=32, short=8, max_seqs=16)
+    for i in range(7):
+        s.add_request(make_request(f"d{i}", 4, max_tokens=50, start=10 * i))
+    step(s)
+    s.add_request(make_request("p", 12, start=100))
+    out, _ = step(s)
+    assert out.num_scheduled_tokens["p"] == 4  # 8 - 7 decodes would leave 1
+    assert sum(out.num_scheduled_tokens.values()) == 11
 
 
 def test_max_num_seqs_limits_running_batch():

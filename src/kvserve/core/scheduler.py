@@ -1,9 +1,10 @@
 """The scheduler: one token budget per step, running requests first, then waiting ones.
 
 Each request has num_computed_tokens; a step gives it min(num_tokens - num_computed_tokens, budget)
-tokens. Prefill, chunked prefill, prefix-cache hits and decode are all that one rule. When the cache
-cannot grow a running request, the most recently admitted running request is preempted (blocks
-freed, recomputed later from the front of the waiting queue). Never touches a tensor.
+tokens. Prefill, chunked prefill, prefix-cache hits and decode are all that one rule; while requests
+decode, prompts get a shorter step's share (_prefill_budget). When the cache cannot grow a running
+request, the most recently admitted running request is preempted (blocks freed, recomputed later
+from the front of the waiting queue). Never touches a tensor.
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ class Scheduler:
         out = SchedulerOutput(finished_req_ids=self._finished_ids)
         self._finished_ids = set()
         budget = self.config.max_num_batched_tokens
+        prefill_budget = self._prefill_budget()  # prompt tokens; decode tokens draw on `budget` only
         scheduled: list[Request] = []
 
         # 1. Running requests, in admission order.
@@ -78,7 +80,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new == 0:  # its last step's token is not back yet
+            prefilling = not _is_decoding(request)
+            if prefilling:
+                num_new = min(num_new, prefill_budget)
+            if num_new == 0:  # its last step's token is not back yet, or no prompt tokens are left
                 i += 1
                 continue
             new_block_ids = self.kv.allocate_slots(request, num_new)
@@ -95,16 +100,21 @@ class Scheduler:
             )
             self._schedule(request, num_new, out, scheduled)
             budget -= num_new
+            if prefilling:
+                prefill_budget -= num_new
             i += 1
 
         # 2. Waiting requests, while budget, sequence slots and blocks last. Skipped after a
         # preemption this step: the cache is full, admitting would only thrash.
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted_req_ids:
+        while (
+            self.waiting and min(budget, prefill_budget) > 0
+            and len(self.running) < self.config.max_num_seqs and not out.preempted_req_ids
+        ):  # fmt: skip
             request = self.waiting[0]
             hits, num_hit_tokens = [], 0
             if request.sampling_params.prompt_logprobs is None:  # prompt logprobs need every position
                 hits, num_hit_tokens = self.kv.get_computed_blocks(request)
-            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            num_new = min(request.num_tokens - num_hit_tokens, budget, prefill_budget)
             new_block_ids = self.kv.allocate_slots(request, num_new, hits)
             if new_block_ids is None:
                 break
@@ -136,6 +146,7 @@ class Scheduler:
                 )
             self._schedule(request, num_new, out, scheduled)
             budget -= num_new
+            prefill_budget -= num_new
 
         # Advance now, so the next schedule() may run before this step's results are in.
         for request in scheduled:
@@ -169,6 +180,23 @@ class Scheduler:
         return updates
 
     # --- internals ----------------------------------------------------------------------------
+    def _prefill_budget(self) -> int:
+        """Prompt tokens this step may take: the whole budget, or a short step's share.
+
+        A step's length is every decoding request's inter-token gap, and a request that arrives
+        during a step waits for its end before it can start. So while requests decode, a step holds
+        max_num_batched_tokens_while_decoding tokens in all (prompts always get at least half of it).
+        The prompts' work is the same, only cut finer: at equal throughput a closed loop of clients
+        sees a shorter time to first token and a slightly longer time per output token."""
+        budget = self.config.max_num_batched_tokens
+        short = self.config.max_num_batched_tokens_while_decoding
+        if short is None or short >= budget:
+            return budget
+        num_decoding = sum(1 for request in self.running if _is_decoding(request))
+        if num_decoding == 0:
+            return budget
+        return max(short - num_decoding, short // 2, 1)
+
     def _schedule(self, request: Request, num_new: int, out: SchedulerOutput, scheduled: list[Request]) -> None:
         out.num_scheduled_tokens[request.request_id] = num_new
         out.total_num_scheduled_tokens += num_new
@@ -213,3 +241,8 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+
+def _is_decoding(request: Request) -> bool:
+    """Past its prompt (and any recomputation after preemption): one token per step."""
+    return request.num_computed_tokens > 0 and request.num_tokens - request.num_computed_tokens <= 1

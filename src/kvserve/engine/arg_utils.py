@@ -18,6 +18,10 @@ class EngineArgs:
     max_model_len: Optional[int] = None
     max_num_seqs: int = 256
     max_num_batched_tokens: Optional[int] = None
+    # Step budget while requests decode (Scheduler._prefill_budget). Default: half the budget on a CPU,
+    # where a full 2,048-token step takes ~0.5 s that every newly arrived request waits out; the whole
+    # budget on a GPU, whose steps are short.
+    max_num_batched_tokens_while_decoding: Optional[int] = None
     block_size: int = 16
     enable_prefix_caching: bool = True
     seed: int = 0
@@ -51,6 +55,11 @@ class EngineArgs:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.max_num_seqs < 1 or budget < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        short_budget = self.max_num_batched_tokens_while_decoding
+        if short_budget is None:
+            short_budget = max(1, budget // 2) if device == "cpu" else budget
+        if short_budget < 1:
+            raise ValueError(f"max_num_batched_tokens_while_decoding must be positive, got {short_budget}")
         return EngineConfig(
             model=model_config,
             cache=CacheConfig(
@@ -61,7 +70,8 @@ class EngineArgs:
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
             ),
             scheduler=SchedulerConfig(
-                max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len
+                max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
+                max_num_batched_tokens_while_decoding=min(short_budget, budget),
             ),
             device=device,
             seed=self.seed,
