@@ -58,8 +58,7 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
-    # A shorter step budget while requests decode and the waiting prompts fit one full step
-    # (Scheduler._prefill_budget); None: always the full budget.
+    # A shorter step budget while requests decode (Scheduler._prefill_budget); None: always the full budget.
     max_num_batched_tokens_while_decoding: Optional[int] = None
 
 

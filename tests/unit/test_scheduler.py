@@ -67,13 +67,13 @@ def test_long_prompt_is_chunked_while_running_requests_keep_decoding():
     assert out.num_scheduled_tokens == {"short": 1, "long": 1}
 
 
-def test_short_steps_while_decoding_when_the_waiting_prompts_fit_one_full_step():
+def test_steps_are_short_while_requests_decode():
     s = make_scheduler(budget=32, short=16)
-    s.add_request(make_request("d1", 4, max_tokens=50))
-    s.add_request(make_request("d2", 4, max_tokens=50, start=20))
+    s.add_request(make_request("d1", 20, max_tokens=50))
+    s.add_request(make_request("d2", 4, max_tokens=50, start=40))
     out, _ = step(s)
-    assert out.num_scheduled_tokens == {"d1": 4, "d2": 4}  # nobody decodes yet: the full budget
-    s.add_request(make_request("p", 24, start=40))
+    assert out.num_scheduled_tokens == {"d1": 20, "d2": 4}  # nobody decodes yet: the full budget
+    s.add_request(make_request("p", 24, start=60))
     chunks = []
     while s.requests["p"].num_computed_tokens < 24:
         out, _ = step(s)
