@@ -255,10 +255,12 @@ void rotary(T* q, T* k, const float* cos_sin, int64_t rows, int64_t Hq, int64_t 
 // k, v: T rows of `row` elements (Hkv * D) at row strides k_stride / v_stride (views of the fused
 // qkv output); row t goes to slot slots[t] of k_cache / v_cache ([num_slots, row], contiguous).
 // One pass, no contiguous copy of k or v first (index_copy_ makes one for strided sources).
+// Both cores from ~43 rows on (default model): the slots are scattered, so each row's stores miss
+// cache; 30 layers x 256 rows 2.7 -> 1.7 ms, 64 rows 1.0 -> 0.8 ms.
 template <typename T>
 void write_kv(const T* k, const T* v, int64_t k_stride, int64_t v_stride, T* k_cache, T* v_cache,
               const int64_t* slots, int64_t rows, int64_t row) {
-#pragma omp parallel for schedule(static) if (rows * row > 65536)
+#pragma omp parallel for schedule(static) if (rows * row > 8192)
   for (int64_t t = 0; t < rows; ++t) {
     std::memcpy(k_cache + slots[t] * row, k + t * k_stride, row * sizeof(T));
     std::memcpy(v_cache + slots[t] * row, v + t * v_stride, row * sizeof(T));
