@@ -1,4 +1,5 @@
 """Paged attention backends (torch reference, CPU kernels) against plain causal attention on contiguous K/V."""
+import functools
 import math
 
 import pytest
@@ -23,10 +24,15 @@ def dense_attention(q, k, v):
 
 
 # (backend, dtype, tolerance): bf16 inputs are compared with float32 attention of the same bf16 values.
+# The CPU backend computes chunks after context in its kernel up to max_kernel_chunk_work (all of
+# this test's), else through the reference's gathers: both routes are checked.
+_cpu_context_by_reference = functools.partial(CpuAttentionBackend, max_kernel_chunk_work=0)
 BACKENDS = [
     (TorchAttentionBackend, torch.float32, 1e-5),
     (CpuAttentionBackend, torch.float32, 1e-5),
     (CpuAttentionBackend, torch.bfloat16, 1e-2),
+    (_cpu_context_by_reference, torch.float32, 1e-5),
+    (_cpu_context_by_reference, torch.bfloat16, 1e-2),
 ]
 
 
@@ -165,3 +171,15 @@ def test_cpu_backend_cascade_over_shared_prefix_matches_reference(dtype, tol):
     meta3 = build_attention_metadata(q_lens, seq_lens, tables, bs)
     CpuAttentionBackend(min_cascade_tokens=32, min_cascade_requests=100).prepare(meta3)
     assert meta3.backend_state.cascade is None
+
+
+def test_cpu_backend_sends_short_chunks_after_context_to_the_kernel_and_long_ones_to_the_reference():
+    """Routing by query rows x keys: a decode and a 4-row chunk after 12 tokens (4 x 16 = 64 <= 100)
+    go to the paged kernel, a 10-row chunk after 10 tokens (10 x 20 = 200) to the reference group,
+    a fresh prompt to the prefill path."""
+    meta = build_attention_metadata([1, 4, 10, 3], [9, 16, 20, 3], [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9, 10, 11], [12]], BS)
+    CpuAttentionBackend(max_kernel_chunk_work=100).prepare(meta)
+    plan = meta.backend_state
+    assert plan.kernel_reqs.tolist() == [0, 1]
+    assert plan.context is not None and plan.context.out_rows.tolist() == list(range(5, 15))  # request 2
+    assert plan.fresh == [(15, 3, 1)]  # rows 15..17: one chunk of 3
