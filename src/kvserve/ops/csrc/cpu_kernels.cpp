@@ -741,8 +741,9 @@ void paged_attention_d(const void* q, const void* k_cache, const void* v_cache, 
 // At decode batch sizes the matmul is bound by streaming W from memory (the model's weights do
 // not stay in cache between steps). Two kernels read this layout:
 // - AMX (decode_matmul_amx): 16 pairs x 16 columns of a block are one 1 KB B tile; compute is
-//   nearly free, so the loop only streams W. Measured on the default
-//   model, 30 layers' weights from DRAM: batch 16 14 ms, batch 64 19 ms, batch 256 37 ms against
+//   nearly free, so the loop only streams W. Measured on the default model while it still
+//   prefetched in software (dropped since, see below), 30 layers' weights from DRAM: batch 16
+//   14 ms, batch 64 19 ms, batch 256 37 ms against
 //   oneDNN's packed matmul 19 / 28 / 48 ms (weights in cache, batch 256: 0.48 vs 0.52 ms for the
 //   MLP's gate/up); 512 rows 65 vs 74 ms, 768 about even, 1,024 144 vs 124. Used up to
 //   kAmxMaxRows rows.
