@@ -83,12 +83,14 @@ class CpuAttentionBackend(AttentionBackend):
             else:
                 context.append(b)
         cascade = self._plan_cascade(meta, decode + context, starts)
-        if cascade is None:  # else the cascade covers them all
-            short = [b for b in context if meta.query_lens[b] * meta.seq_lens_host[b] <= self.max_kernel_chunk_work]
-            decode, context = sorted(decode + short), [b for b in context if b not in short]
+        kernel = decode
+        if cascade is None:  # (else the cascade covers them all) short context chunks join the decodes
+            work = {b: meta.query_lens[b] * meta.seq_lens_host[b] for b in context}
+            kernel = sorted(decode + [b for b in context if work[b] <= self.max_kernel_chunk_work])
+            context = [b for b in context if work[b] > self.max_kernel_chunk_work]
         chunks = [(start + i * n, n) for start, n, count in fresh for i in range(count)]
         meta.backend_state = _CpuPlan(
-            kernel_reqs=torch.tensor(decode, dtype=torch.long),
+            kernel_reqs=torch.tensor(kernel, dtype=torch.long),
             fresh=fresh,
             fresh_starts=torch.tensor([c[0] for c in chunks], dtype=torch.long),
             fresh_lens=torch.tensor([c[1] for c in chunks], dtype=torch.long),
