@@ -624,6 +624,7 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
       const int64_t h0 = (it % head_groups) * heads_per_item, nh = heads_per_item;
       const int64_t qlen = qstart[b + 1] - qstart[b], ctx = seq_lens[b];
       const int64_t nq = std::min(kTile, qlen - t0), qh = nh * G, rows = nq * qh;
+      const int64_t n_groups = rows / G;  // row groups: (query, kv head) pairs
       const int64_t p0 = ctx - qlen + t0;  // position of the tile's first query
       const int64_t nkeys = p0 + nq;       // keys 0 .. last query's position
       // Row r = (query r / qh, q head h0 * G + r % qh), which reads kv head h0 + (r % qh) / G;
@@ -654,7 +655,6 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
         const int64_t base = table[blk] * bs * row_elems + h0 * D;
         const bool has_next = (blk + 1) * bs < nkeys;
         const int64_t next = has_next ? table[blk + 1] * bs * row_elems + h0 * D : 0;
-        const int64_t n_groups = rows / G;
         for (int64_t j = 0; j < n; ++j) {  // kf, vf: [n, nh, D] float
           if constexpr (!direct_k)
             for (int64_t e = 0; e < span; ++e) kf[j * span + e] = ld(k_cache + base + j * row_elems, e);
