@@ -23,20 +23,37 @@ def test_library_builds_and_loads():
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_matches_reference(dtype, with_residual):
     torch.manual_seed(0)
-    x, res = torch.randn(37, 576).to(dtype), torch.randn(37, 576).to(dtype)
+    x, res = torch.randn(37, 576).to(dtype), torch.randn(37, 576) * 30  # residual stream: float32
     norm = RMSNorm(576, 1e-5, dtype=dtype)
     norm.weight.data.normal_()
     if with_residual:
-        expected, expected_res = norm._norm(x + res), x + res
+        expected_res = x.float() + res  # added in float32, never rounded to bf16
+        expected = norm._norm(expected_res)
         fused_res = res.clone()
         out = cpu_ops.rms_norm(x, norm.weight, 1e-5, fused_res)
-        assert torch.equal(fused_res, expected_res)  # the add rounds exactly as torch's
+        assert torch.equal(fused_res, expected_res)
+        if dtype == torch.bfloat16:
+            assert not torch.equal(fused_res, fused_res.bfloat16().float())
     else:
         expected, out = norm._norm(x), cpu_ops.rms_norm(x, norm.weight, 1e-5)
+    assert out.dtype == dtype
     ulp = 2**-7 if dtype == torch.bfloat16 else 1e-6  # float32: summation order, a few ulp
     torch.testing.assert_close(out, expected, atol=0, rtol=ulp)
     if dtype == torch.bfloat16:
         assert (out != expected).float().mean() < 1e-3
+
+
+def test_rms_norm_reference_takes_a_float32_residual_in_any_model_dtype(monkeypatch):
+    """Without the kernel (other devices), the torch path keeps the residual stream in float32 too."""
+    monkeypatch.setattr(cpu_ops, "rms_norm", lambda *a, **k: None)
+    torch.manual_seed(1)
+    x, res = torch.randn(5, 64).bfloat16(), torch.randn(5, 64)
+    norm = RMSNorm(64, 1e-6, dtype=torch.bfloat16)
+    norm.weight.data.normal_()
+    out, new_res = norm(x, res)
+    assert new_res.dtype == torch.float32 and torch.equal(new_res, x.float() + res)
+    expected = norm.weight * (new_res * torch.rsqrt(new_res.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -82,9 +82,10 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-norm block with the residual add deferred into the next norm.
 
-        Invariant: the true residual stream after this layer is hidden + residual."""
+        hidden: [T, hidden] model dtype; residual: [T, hidden] float32 (layers/norm.py says why), None
+        before the first layer. Invariant: the true residual stream after this layer is hidden + residual."""
         if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
+            residual, hidden = hidden.float(), self.input_layernorm(hidden)  # float(): a copy unless float32
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(cos_sin, hidden)

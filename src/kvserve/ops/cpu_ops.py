@@ -29,11 +29,15 @@ def _code(*tensors: torch.Tensor) -> Optional[int]:
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None
 ) -> Optional[torch.Tensor]:
-    """x: [T, D] -> norm(x) * weight; with residual, residual += x (in place) and norm(residual) * weight."""
-    code = _code(x, weight) if residual is None else _code(x, weight, residual)
+    """x: [T, D] -> norm(x) * weight in x's dtype; with residual ([T, D] float32, whatever x's dtype),
+    residual += x (in place, unrounded) and norm(residual) * weight."""
+    code = _code(x, weight)
     if code is None or x.dim() != 2 or not x.is_contiguous() or not weight.is_contiguous():
         return None
-    if residual is not None and (residual.shape != x.shape or not residual.is_contiguous()):
+    if residual is not None and (
+        residual.shape != x.shape or residual.dtype != torch.float32 or residual.device.type != "cpu"
+        or not residual.is_contiguous()
+    ):  # fmt: skip
         return None
     out = torch.empty_like(x)
     res_ptr = residual.data_ptr() if residual is not None else None

@@ -120,14 +120,16 @@ inline __m512 exp16_nonpos(__m512 x0) { return exp16_in_range(_mm512_max_ps(x0, 
 #endif
 
 // ---- RMSNorm (with the residual add fused) -------------------------------------------------
-// residual != null: residual <- round(x + residual) (in place), out <- norm(residual) * w.
-// residual == null: out <- norm(x) * w. x, residual, out: [rows, D] contiguous; w: [D].
+// residual != null: residual <- x + residual (in place, float32), out <- norm(residual) * w.
+// residual == null: out <- norm(x) * w. x, out: [rows, D] contiguous in T; residual: [rows, D]
+// contiguous float32 whatever T is (the model's residual stream is never rounded); w: [D].
+// The normalised value is rounded to T before the multiply by w, as Hugging Face's RMSNorm does.
 template <typename T>
-void rms_norm(const T* x, T* residual, T* out, const T* w, int64_t rows, int64_t D, float eps) {
+void rms_norm(const T* x, float* residual, T* out, const T* w, int64_t rows, int64_t D, float eps) {
 #pragma omp parallel for schedule(static) if (rows * D > 32768)
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * D;
-    T* res = residual ? residual + r * D : nullptr;
+    float* res = residual ? residual + r * D : nullptr;
     T* o = out + r * D;
 #ifdef __AVX512F__
     if (D % 16 == 0) {
@@ -135,15 +137,16 @@ void rms_norm(const T* x, T* residual, T* out, const T* w, int64_t rows, int64_t
       for (int64_t i = 0; i < D; i += 16) {
         __m512 h = load16(xr + i);
         if (res) {
-          h = rnd16<T>(_mm512_add_ps(h, load16(res + i)));
+          h = _mm512_add_ps(h, load16(res + i));
           store16(res + i, h);
         }
         acc = _mm512_fmadd_ps(h, h, acc);
       }
-      const T* hs = res ? res : xr;
       const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(D) + eps));
-      for (int64_t i = 0; i < D; i += 16)
-        store16(o + i, _mm512_mul_ps(load16(w + i), rnd16<T>(_mm512_mul_ps(load16(hs + i), inv))));
+      for (int64_t i = 0; i < D; i += 16) {
+        const __m512 h = res ? load16(res + i) : load16(xr + i);
+        store16(o + i, _mm512_mul_ps(load16(w + i), rnd16<T>(_mm512_mul_ps(h, inv))));
+      }
       continue;
     }
 #endif
@@ -151,8 +154,8 @@ void rms_norm(const T* x, T* residual, T* out, const T* w, int64_t rows, int64_t
     if (res) {
 #pragma omp simd reduction(+ : ss)
       for (int64_t i = 0; i < D; ++i) {
-        float h = rnd<T>(ld(xr, i) + ld(res, i));
-        st(res, i, h);
+        float h = ld(xr, i) + res[i];
+        res[i] = h;
         ss += h * h;
       }
     } else {
@@ -162,10 +165,9 @@ void rms_norm(const T* x, T* residual, T* out, const T* w, int64_t rows, int64_t
         ss += h * h;
       }
     }
-    const T* h = res ? res : xr;
     float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
 #pragma omp simd
-    for (int64_t i = 0; i < D; ++i) st(o, i, ld(w, i) * rnd<T>(ld(h, i) * inv));
+    for (int64_t i = 0; i < D; ++i) st(o, i, ld(w, i) * rnd<T>((res ? res[i] : ld(xr, i)) * inv));
   }
 }
 
@@ -1134,7 +1136,7 @@ extern "C" {
 void kv_rms_norm(int dtype, const void* x, void* residual, void* out, const void* w, int64_t rows, int64_t D,
                  float eps) {
   if (dtype == 1)
-    rms_norm(static_cast<const bf16*>(x), static_cast<bf16*>(residual), static_cast<bf16*>(out),
+    rms_norm(static_cast<const bf16*>(x), static_cast<float*>(residual), static_cast<bf16*>(out),
              static_cast<const bf16*>(w), rows, D, eps);
   else
     rms_norm(static_cast<const float*>(x), static_cast<float*>(residual), static_cast<float*>(out),
