@@ -179,6 +179,31 @@ def test_decode_matmul_matches_reference_on_both_kernels():
                 continue
             # float accumulation in its own order, then one rounding to bf16: within one bf16 ulp
             torch.testing.assert_close(got.float(), x.float() @ w.float().T, rtol=2**-7, atol=1e-2)
+            # out_dtype=float32: the same sums before that rounding (float32 summation order only)
+            sums = cpu_ops.decode_matmul(x, wv, allow_amx, out_dtype=torch.float32)
+            assert sums.dtype == torch.float32 and torch.equal(sums.bfloat16(), got)
+            torch.testing.assert_close(sums, x.float() @ w.float().T, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_matmul_float32_output_past_the_caches():
+    """An output over 8 MB (the LM head's logits) is written with streaming stores: same sums."""
+    torch.manual_seed(0)
+    w = (torch.randn(32768, 64) * 0.1).bfloat16()
+    wv = cpu_ops.decode_weight(w)
+    limit = cpu_ops.decode_matmul_max_rows(64, 32768)
+    if limit == 0:
+        assert wv is None
+        return
+    rows = min(80, limit)  # 80 x 32,768 floats = 10.5 MB where AMX takes 80 rows
+    x = torch.randn(rows, 64).bfloat16()
+    expected = x.float() @ w.float().T
+    flat = torch.full((rows * 32768 + 1,), float("nan"))
+    aligned, misaligned = flat[: rows * 32768].view(rows, 32768), flat[1:].view(rows, 32768)  # 4 bytes off
+    for out in (None, aligned, misaligned):  # misaligned: normal stores
+        sums = cpu_ops.decode_matmul(x, wv, out_dtype=torch.float32, out=out)
+        assert out is None or sums.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(sums, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(sums.bfloat16(), cpu_ops.decode_matmul(x, wv))
 
 
 def _has_amx() -> bool:

@@ -92,12 +92,17 @@ class ParallelLMHead(VocabParallelEmbedding):
         self._packed = pack_for_onednn(weight)
         self._decode = cpu_ops.decode_weight(weight) if keep_decode_copy and self._packed is not None else None
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, D] -> logits [N, V] in the model dtype (a view when the vocab is padded)."""
-        packed = getattr(self, "_packed", None)
-        if packed is not None:
-            logits = onednn_linear(hidden, packed, None, getattr(self, "_decode", None))  # [N, V_pp]
-        else:
+    def forward(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """hidden: [N, D] -> logits [N, V] (a view when the vocab is padded): float32 where the decode
+        kernel computes them (its float32 sums, unrounded), else in the model dtype. On the default
+        model in bf16, rounding the logits to bf16 turned a near tie into an exact one and moved one
+        of the 8 exactness prompts off float32's greedy tokens (8 of 8 agree with float32 logits).
+        out: a float32 [N, V] buffer the kernel may write into (the logits are then a view of it)."""
+        packed, decode = getattr(self, "_packed", None), getattr(self, "_decode", None)
+        logits = None if decode is None else cpu_ops.decode_matmul(hidden, decode, out_dtype=torch.float32, out=out)
+        if logits is None and packed is not None:
+            logits = onednn_linear(hidden, packed, None)  # [N, V_pp]
+        if logits is None:
             logits = F.linear(hidden, self._tied[0].weight if self._tied else self.weight)  # [N, V_pp]
         if self.tp_size > 1:
             shards = [torch.empty_like(logits) for _ in range(self.tp_size)]

@@ -137,8 +137,11 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] long (packed tokens of many requests) -> hidden states [T, hidden]."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+    def compute_logits(
+        self, hidden: torch.Tensor, upcast: bool = True, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """hidden: [N, hidden] (usually one row per request) -> logits [N, vocab], float32 unless
-        upcast=False (model dtype: the greedy sampler takes argmax without the float32 copy)."""
-        logits = self.lm_head(hidden)
+        upcast=False (then as the head computes them, float32 or the model dtype: the greedy sampler
+        takes argmax without a float32 copy). out: a float32 [N, vocab] buffer the head may fill."""
+        logits = self.lm_head(hidden, out)
         return logits.float() if upcast else logits

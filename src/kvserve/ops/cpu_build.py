@@ -103,7 +103,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.kv_argmax_rows.argtypes = [c_int, ptr, ptr, i64, i64, i64]
     lib.kv_sample_rows.argtypes = [c_int, ptr, ptr, i64, i64, i64, ptr, ptr]
     lib.kv_write_kv.argtypes = [c_int, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64]
-    lib.kv_decode_matmul_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, c_int]
+    lib.kv_decode_matmul_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, c_int, c_int]
     lib.kv_decode_matmul_max_rows.argtypes = [i64, i64, c_int]
     lib.kv_decode_matmul_max_rows.restype = c_int
     lib.kv_prefill_attention_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, f32]

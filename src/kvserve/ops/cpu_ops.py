@@ -131,10 +131,18 @@ def decode_weight(weight: torch.Tensor) -> Optional[torch.Tensor]:
     return weight.detach().reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
-def decode_matmul(x: torch.Tensor, weight: torch.Tensor, allow_amx: bool = True) -> Optional[torch.Tensor]:
+def decode_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    allow_amx: bool = True,
+    out_dtype: torch.dtype = torch.bfloat16,
+    out: Optional[torch.Tensor] = None,
+) -> Optional[torch.Tensor]:
     """x: [M, K] @ W^T -> [M, N], weight being W in decode_weight's layout. For decode-sized batches,
     where streaming the weight bounds the matmul; None when M is past the rows this CPU's kernel
     wins at (decode_matmul_max_rows) or x does not fit (then the caller's matmul runs).
+    out_dtype: bfloat16, or float32 for the float32 sums unrounded. out: a contiguous [M, N] tensor
+    of out_dtype to write into (and return) instead of a new one; other shapes are not used.
     allow_amx=False: the AVX512_BF16 kernel even where AMX is usable (for tests)."""
     if x.dim() != 2 or weight.dim() != 4 or _code(x, weight) != 1 or not x.is_contiguous():
         return None
@@ -142,8 +150,13 @@ def decode_matmul(x: torch.Tensor, weight: torch.Tensor, allow_amx: bool = True)
     n = weight.shape[0] * 16
     if k != weight.shape[1] * 2 or not 0 < m <= decode_matmul_max_rows(k, n, allow_amx):
         return None
-    out = x.new_empty(m, n)
-    cpu_build.load().kv_decode_matmul_bf16(x.data_ptr(), m, k, weight.data_ptr(), n, out.data_ptr(), int(allow_amx))
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"decode_matmul writes bfloat16 or float32, not {out_dtype}")
+    if out is None or out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous() or out.device != x.device:
+        out = x.new_empty(m, n, dtype=out_dtype)
+    cpu_build.load().kv_decode_matmul_bf16(
+        x.data_ptr(), m, k, weight.data_ptr(), n, out.data_ptr(), int(allow_amx), int(out_dtype == torch.float32)
+    )
     return out
 
 

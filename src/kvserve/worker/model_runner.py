@@ -58,6 +58,10 @@ class ModelRunner:
         self.sampler = Sampler()
         self.input_batch = InputBatch(self.device)
         self.kv_caches: list[torch.Tensor] = []
+        # float32 [rows, vocab], grown to the most rows sampled in one step: the head's logits go here
+        # (CPU decode kernel) so that a step does not page-fault them in (256 rows x 49,152: 50 MB,
+        # past glibc's largest mmap threshold, so a fresh tensor is mapped anew every step: +13 ms).
+        self._logits_buffer = torch.empty(0, config.model.vocab_size, dtype=torch.float32, device=self.device)
 
     def determine_num_blocks(self) -> int:
         """KV blocks that fit the budget: kv_cache_memory_bytes, else a fraction of the memory
@@ -114,7 +118,10 @@ class ModelRunner:
 
     def _sample(self, batch: StepBatch, starts: torch.Tensor, hidden: torch.Tensor) -> SamplerOutput:
         rows = (starts[1:][batch.sampling_rows] - 1).to(self.device)  # last row of each sampling request
-        logits = self.model.compute_logits(hidden[rows], upcast=False)  # [S, V] model dtype
+        if self._logits_buffer.shape[0] < rows.shape[0] and self.device.type == "cpu":
+            self._logits_buffer = self._logits_buffer.new_empty(rows.shape[0], self._logits_buffer.shape[1])
+        # [S, V] float32 or the model dtype; read only by this step's sampler
+        logits = self.model.compute_logits(hidden[rows], upcast=False, out=self._logits_buffer[: rows.shape[0]])
         states = [self.input_batch.requests[batch.req_ids[b]] for b in batch.sampling_rows]
         meta = SamplingMetadata.build(
             [s.sampling_params for s in states],
