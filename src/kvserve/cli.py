@@ -21,8 +21,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--max-num-batched-tokens-while-decoding", type=int, default=None,
-                   help="token budget of a step while requests decode (default: half the budget on a CPU, "
-                   "the whole budget on a GPU)")
+                   help="token budget of a step while requests decode (default: the whole budget; "
+                   "`kvserve serve` on a CPU: half of it)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)

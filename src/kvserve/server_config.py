@@ -100,7 +100,7 @@ class ServerConfig:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_num_batched_tokens_while_decoding=self.max_num_batched_tokens_while_decoding,
             block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
-            kv_cache_memory_bytes=self.kv_cache_memory_bytes, seed=self.seed, device=self.device,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes, seed=self.seed, device=self.device, serving=True,
         )  # fmt: skip
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kvserve import LLM, SamplingParams
+from kvserve.engine.arg_utils import EngineArgs
+from kvserve.engine.llm_engine import LLMEngine
 
 
 def texts(outputs):
@@ -153,9 +155,13 @@ def test_short_steps_while_decoding_give_the_same_greedy_output(tiny_llama_dir, 
     params = SamplingParams(temperature=0, max_tokens=12)
     prompts = ["word " * 40, "another longer prompt " * 8, "short one"]
     expected = token_ids(tiny_llm.generate(prompts, params, use_tqdm=False))
-    llm = LLM(tiny_llama_dir, dtype="float32", max_num_batched_tokens=32, kv_cache_memory_bytes=16 << 20)
-    engine = llm.llm_engine
-    assert engine.scheduler.config.max_num_batched_tokens_while_decoding == 16  # CPU default: half
+    offline = LLM(tiny_llama_dir, dtype="float32", max_num_batched_tokens=32, kv_cache_memory_bytes=16 << 20)
+    assert offline.llm_engine.scheduler.config.max_num_batched_tokens_while_decoding == 32  # offline: all of it
+    del offline
+    engine = LLMEngine.from_engine_args(
+        EngineArgs(tiny_llama_dir, dtype="float32", max_num_batched_tokens=32, kv_cache_memory_bytes=16 << 20, serving=True)
+    )
+    assert engine.scheduler.config.max_num_batched_tokens_while_decoding == 16  # a server on a CPU: half
     schedule, sizes = engine.scheduler.schedule, []  # tokens of each step
 
     def recording_schedule():
