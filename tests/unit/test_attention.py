@@ -137,17 +137,22 @@ def test_cpu_paged_kernel_reads_context_in_place(dtype, tol, hq, hkv, d):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_cpu_backend_cascade_over_shared_prefix_matches_reference(dtype, tol):
+@pytest.mark.parametrize(
+    "prefix,with_fresh",
+    [([41, 7, 63], True), ([20, 21, 22], True), ([20, 21, 22], False)],
+    ids=["gathered", "in-place", "in-place-all-rows"],
+)
+def test_cpu_backend_cascade_over_shared_prefix_matches_reference(dtype, tol, prefix, with_fresh):
     """Ten requests whose tables start with the same three blocks (prefix caching), some decoding,
-    some prefilling a chunk after the prefix, one fresh prompt: the cascade (shared blocks once for
-    all rows, then each request's own blocks) equals the torch reference."""
+    some prefilling a chunk after the prefix, with or without one fresh prompt: the cascade (shared
+    blocks once for all rows, then each request's own blocks) equals the torch reference. The shared
+    blocks are gathered, or read in place where their ids are consecutive."""
     torch.manual_seed(2)
     hq, hkv, d, bs, num_blocks = 6, 2, 64, 16, 80
     cache = torch.randn(2, num_blocks, bs, hkv, d).to(dtype)
-    prefix = [41, 7, 63]  # 48 shared tokens
-    free = [b for b in range(num_blocks) if b not in prefix]
-    q_lens = [1, 1, 1, 1, 1, 1, 5, 16, 9, 1, 20]
-    seq_lens = [49, 50, 64, 65, 80, 97, 53, 70, 60, 49, 20]  # the last one is a fresh prompt
+    free = [b for b in range(num_blocks) if b not in prefix]  # the prefix: 48 shared tokens
+    q_lens = [1, 1, 1, 1, 1, 1, 5, 16, 9, 1, 20][: None if with_fresh else -1]
+    seq_lens = [49, 50, 64, 65, 80, 97, 53, 70, 60, 49, 20][: None if with_fresh else -1]  # last: a fresh prompt
     tables = []
     for n_ctx, n_q in zip(seq_lens, q_lens):
         own = -(-n_ctx // bs) - len(prefix)
@@ -162,7 +167,9 @@ def test_cpu_backend_cascade_over_shared_prefix_matches_reference(dtype, tol):
     meta2 = build_attention_metadata(q_lens, seq_lens, tables, bs)
     backend.prepare(meta2)
     assert meta2.backend_state.cascade is not None
-    assert meta2.backend_state.cascade.prefix_blocks.tolist() == prefix
+    cascade = meta2.backend_state.cascade
+    assert cascade.prefix_blocks.tolist() == prefix
+    assert cascade.prefix_first == (20 if prefix[0] == 20 else None) and cascade.all_rows == (not with_fresh)
     out = backend.forward(q, k, v, cache, meta2, d**-0.5)
     assert torch.equal(cache, ref_cache)  # both wrote the step's k/v to the same slots
     torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)

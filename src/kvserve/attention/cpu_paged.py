@@ -39,7 +39,9 @@ from kvserve.ops import cpu_ops
 class _Cascade:
     reqs: torch.Tensor  # [n] int64: requests whose attention starts with the shared blocks
     rows: torch.Tensor  # [R] int64: their packed query rows
+    all_rows: bool  # rows are every row of the step (then the shared part needs no gather or scatter)
     prefix_blocks: torch.Tensor  # [P] int64: the shared leading blocks, visible to every row in full
+    prefix_first: Optional[int]  # the first of them when their ids are consecutive (then read in place)
 
 
 @dataclass
@@ -112,10 +114,14 @@ class CpuAttentionBackend(AttentionBackend):
         if shared * bs < self.min_cascade_tokens:
             return None
         rows = [r for b in sorted(reqs) for r in range(starts[b], starts[b + 1])]
+        blocks = tables[0, :shared].clone()
+        consecutive = bool((blocks[1:] - blocks[:-1] == 1).all())
         return _Cascade(
             reqs=torch.tensor(sorted(reqs), dtype=torch.long),
             rows=torch.tensor(rows, dtype=torch.long),
-            prefix_blocks=tables[0, :shared].clone(),
+            all_rows=len(rows) == starts[-1],
+            prefix_blocks=blocks,
+            prefix_first=int(blocks[0]) if consecutive else None,
         )
 
     def forward(self, q, k, v, kv_cache, meta, scale):
@@ -162,22 +168,31 @@ def _shared_prefix_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the cascade's rows over the shared blocks only, as the kernel's initial state:
     (out [T, Hq, D] in q.dtype, lse [T, Hq] float32); only the cascade's rows are filled.
-    GQA: each kv head's G query heads of all R rows become one query sequence of R * G rows."""
+    GQA: each kv head's G query heads of all R rows become one query sequence of R * G rows.
+    The shared keys are a strided view of the cache when their blocks are consecutive, and with
+    all rows in the cascade nothing is gathered or scattered: 256 decode rows over 1,024 shared
+    keys per layer 1.50 -> 1.25 ms, 2,048 rows 8.7 -> 7.6 ms (the SDPA is ~1.03 / ~6.7 of them)."""
     num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
     num_heads = q.shape[1]
     g = num_heads // num_kv_heads
 
-    def prefix(cache: torch.Tensor) -> torch.Tensor:  # [num_blocks, bs, Hkv, D] -> [1, Hkv, P, D]
-        return cache.index_select(0, c.prefix_blocks).view(-1, num_kv_heads, head_dim).transpose(0, 1)[None].contiguous()
+    def prefix(cache: torch.Tensor) -> torch.Tensor:  # [num_blocks, bs, Hkv, D] -> [1, Hkv, P, D] (strided)
+        n, first = c.prefix_blocks.numel(), c.prefix_first
+        blocks = cache[first : first + n] if first is not None else cache.index_select(0, c.prefix_blocks)
+        return blocks.view(-1, num_kv_heads, head_dim).transpose(0, 1)[None]
 
-    rows = q.index_select(0, c.rows)  # [R, Hq, D]
+    rows = q if c.all_rows else q.index_select(0, c.rows)  # [R, Hq, D]
     r = rows.shape[0]
     qh = rows.view(r, num_kv_heads, g, head_dim).permute(1, 0, 2, 3).reshape(1, num_kv_heads, r * g, head_dim)
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         qh, prefix(kv_cache[0]), prefix(kv_cache[1]), 0.0, False, scale=scale
     )  # o: [1, Hkv, R * G, D], lse: [1, Hkv, R * G] float32
+    o = o.view(num_kv_heads, r, g, head_dim).permute(1, 0, 2, 3).reshape(r, num_heads, head_dim)  # a copy
+    lse = lse.view(num_kv_heads, r, g).permute(1, 0, 2).reshape(r, num_heads).float()  # a copy
+    if c.all_rows:
+        return o, lse
     init_out = torch.empty_like(q)
-    init_out[c.rows] = o.view(num_kv_heads, r, g, head_dim).permute(1, 0, 2, 3).reshape(r, num_heads, head_dim)
+    init_out[c.rows] = o
     init_lse = torch.empty(q.shape[:2], dtype=torch.float32)
-    init_lse[c.rows] = lse.view(num_kv_heads, r, g).permute(1, 0, 2).reshape(r, num_heads).float()
+    init_lse[c.rows] = lse
     return init_out, init_lse
