@@ -17,13 +17,15 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def _code(*tensors: torch.Tensor) -> Optional[int]:
-    """dtype code if the library is loaded and all tensors are CPU tensors of one supported dtype."""
-    t0 = tensors[0]
-    if t0.device.type != "cpu" or t0.dtype not in _DTYPE_CODE or cpu_build.load() is None:
+    """dtype code if the library is loaded and all tensors are CPU tensors of one supported dtype.
+    Asked ~300 times per step: `is_cpu` and a plain loop, 0.45 vs 1.7 us with `device.type` and any()."""
+    dtype = tensors[0].dtype
+    if dtype not in _DTYPE_CODE or cpu_build.load() is None:
         return None
-    if any(t.device.type != "cpu" or t.dtype != t0.dtype for t in tensors):
-        return None
-    return _DTYPE_CODE[t0.dtype]
+    for t in tensors:
+        if not t.is_cpu or t.dtype != dtype:
+            return None
+    return _DTYPE_CODE[dtype]
 
 
 def rms_norm(
@@ -35,7 +37,7 @@ def rms_norm(
     if code is None or x.dim() != 2 or not x.is_contiguous() or not weight.is_contiguous():
         return None
     if residual is not None and (
-        residual.shape != x.shape or residual.dtype != torch.float32 or residual.device.type != "cpu"
+        residual.shape != x.shape or residual.dtype != torch.float32 or not residual.is_cpu
         or not residual.is_contiguous()
     ):  # fmt: skip
         return None
@@ -70,6 +72,13 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, head_dim: i
     return True
 
 
+def _kv_halves(kv_cache: torch.Tensor) -> tuple[int, int]:
+    """Addresses of kv_cache[0] (keys) and kv_cache[1] (values) of a contiguous [2, ...] cache,
+    without making the two views (a few us each, on every layer of every step)."""
+    base = kv_cache.data_ptr()
+    return base, base + kv_cache.stride(0) * kv_cache.element_size()
+
+
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
     """k, v: [T, Hkv, D] (rows may be strided views of the qkv output) -> slots slot_mapping [T] of
     kv_cache [2, num_blocks, block_size, Hkv, D]. False (nothing written) when the kernel does not apply."""
@@ -80,10 +89,10 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
     for t in (k, v):
         if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
             return False
-    if slot_mapping.dtype != torch.int64 or slot_mapping.device.type != "cpu" or not slot_mapping.is_contiguous():
+    if slot_mapping.dtype != torch.int64 or not slot_mapping.is_cpu or not slot_mapping.is_contiguous():
         return False
     cpu_build.load().kv_write_kv(
-        code, k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
+        code, k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), *_kv_halves(kv_cache),
         slot_mapping.data_ptr(), k.shape[0], row,
     )  # fmt: skip
     return True
@@ -109,7 +118,7 @@ def sample_rows(x: torch.Tensor, inv_temperature: torch.Tensor, uniforms: torch.
     if inv_temperature.dtype != torch.float32 or uniforms.dtype != torch.float64:
         return None
     for t in (inv_temperature, uniforms):
-        if t.device.type != "cpu" or not t.is_contiguous() or t.shape != x.shape[:1]:
+        if not t.is_cpu or not t.is_contiguous() or t.shape != x.shape[:1]:
             return None
     out = torch.empty(x.shape[0], dtype=torch.long)
     cpu_build.load().kv_sample_rows(
@@ -152,7 +161,7 @@ def decode_matmul(
         return None
     if out_dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"decode_matmul writes bfloat16 or float32, not {out_dtype}")
-    if out is None or out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous() or out.device != x.device:
+    if out is None or out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous() or not out.is_cpu:
         out = x.new_empty(m, n, dtype=out_dtype)
     cpu_build.load().kv_decode_matmul_bf16(
         x.data_ptr(), m, k, weight.data_ptr(), n, out.data_ptr(), int(allow_amx), int(out_dtype == torch.float32)
@@ -188,7 +197,7 @@ def paged_attention(
     if code is None or not (q.is_contiguous() and kv_cache.is_contiguous() and out.is_contiguous()):
         return False
     index = (block_tables, seq_lens, query_start_loc, reqs)
-    if any(t.dtype != torch.int64 or not t.is_contiguous() or t.device.type != "cpu" for t in index):
+    if any(t.dtype != torch.int64 or not t.is_contiguous() or not t.is_cpu for t in index):
         return False
     if skip_blocks:
         if init_out is None or init_lse is None or init_out.shape != q.shape or init_out.dtype != q.dtype:
@@ -199,7 +208,7 @@ def paged_attention(
             return False
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     cpu_build.load().kv_paged_attention(
-        code, q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), out.data_ptr(),
+        code, q.data_ptr(), *_kv_halves(kv_cache), out.data_ptr(),
         block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), query_start_loc.data_ptr(),
         reqs.data_ptr(), reqs.numel(), q.shape[1], num_kv_heads, head_dim, block_size, scale, skip_blocks,
         init_out.data_ptr() if skip_blocks else None, init_lse.data_ptr() if skip_blocks else None,
@@ -224,7 +233,7 @@ def prefill_attention(
         return False
     if any(t.stride(2) != 1 or t.stride(1) != t.shape[2] for t in (q, k, v)):
         return False
-    if any(t.dtype != torch.int64 or not t.is_contiguous() or t.device.type != "cpu" for t in (starts, lens)):
+    if any(t.dtype != torch.int64 or not t.is_contiguous() or not t.is_cpu for t in (starts, lens)):
         return False
     if starts.numel() and int((starts + lens).max()) > q.shape[0]:
         return False
