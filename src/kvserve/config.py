@@ -51,6 +51,9 @@ class CacheConfig:
     kv_cache_memory_fraction: float = 0.25
     # Overrides the memory budget entirely (tests use it to force preemption).
     num_gpu_blocks_override: Optional[int] = None
+    # CPU: fault the cache's pages in on a background thread once allocated (a server, which then
+    # waits for requests; offline runs step at once and would only compete with it).
+    prefault_in_background: bool = False
 
 
 @dataclass(frozen=True)

@@ -35,3 +35,20 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 512 
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+
+
+def populate(address: int, nbytes: int) -> bool:
+    """Fault in (writable) every page of [address, address + nbytes) without changing its contents,
+    so that later writes there take no page faults. Returns False where that is not available (not
+    Linux >= 5.14, not glibc) or the memory cannot be committed (the pages then stay lazy)."""
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return False
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = address // page * page
+    return madvise(start, address + nbytes - start, _MADV_POPULATE_WRITE) == 0  # ctypes releases the GIL

@@ -157,11 +157,13 @@ def test_short_steps_while_decoding_give_the_same_greedy_output(tiny_llama_dir, 
     expected = token_ids(tiny_llm.generate(prompts, params, use_tqdm=False))
     offline = LLM(tiny_llama_dir, dtype="float32", max_num_batched_tokens=32, kv_cache_memory_bytes=16 << 20)
     assert offline.llm_engine.scheduler.config.max_num_batched_tokens_while_decoding == 32  # offline: all of it
+    assert not offline.llm_engine.config.cache.prefault_in_background  # offline steps start at once
     del offline
     engine = LLMEngine.from_engine_args(
         EngineArgs(tiny_llama_dir, dtype="float32", max_num_batched_tokens=32, kv_cache_memory_bytes=16 << 20, serving=True)
     )
     assert engine.scheduler.config.max_num_batched_tokens_while_decoding == 16  # a server on a CPU: half
+    assert engine.config.cache.prefault_in_background  # and its KV pages are faulted in while it waits
     schedule, sizes = engine.scheduler.schedule, []  # tokens of each step
 
     def recording_schedule():

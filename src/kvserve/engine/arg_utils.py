@@ -71,6 +71,7 @@ class EngineArgs:
                 kv_cache_memory_bytes=self.kv_cache_memory_bytes,
                 kv_cache_memory_fraction=self.kv_cache_memory_fraction,
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
+                prefault_in_background=self.serving and device == "cpu",
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,

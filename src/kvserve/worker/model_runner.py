@@ -6,6 +6,8 @@ that sample (and prompt-logprob rows) -> sample -> one transfer to the host.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -84,6 +86,8 @@ class ModelRunner:
         self._never_used = torch.ones(num_blocks, dtype=torch.bool)  # host mask of blocks not yet zeroed
         for layer, cache in zip(self.attn_layers, self.kv_caches):
             layer.kv_cache, layer.backend = cache, self.backend
+        if self.device.type == "cpu" and self.config.cache.prefault_in_background:
+            threading.Thread(target=_prefault, args=(list(self.kv_caches),), name="kvserve-kv-prefault", daemon=True).start()
 
     @torch.inference_mode()
     def execute_model(self, sched_out: SchedulerOutput) -> ModelRunnerOutput:
@@ -184,6 +188,21 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         logprobs = torch.log_softmax(logits, dim=-1)
         return gather_logprobs(logprobs, torch.tensor(targets, device=self.device), k)
+
+
+def _prefault(caches: list[torch.Tensor]) -> None:
+    """Fault the KV cache's pages in, contents untouched (host_memory.populate), while the server
+    waits for requests: each first write to a page costs a fault (~4 us in this VM), which would
+    otherwise land inside the first steps that reach it. Served 64 concurrent streams of 256/128
+    tokens, 2 GiB cache, in pairs: median ITL 81.7 / 91.0 vs 85.3 / 97.5 ms, output 556 / 489 vs 550 /
+    473 tok/s. vLLM zero-fills its cache before it serves; here the server is ready meanwhile."""
+    start = time.perf_counter()
+    for cache in caches:
+        if not host_memory.populate(cache.data_ptr(), cache.numel() * cache.element_size()):
+            logger.info("KV cache pages not faulted in ahead (madvise MADV_POPULATE_WRITE failed: it needs Linux "
+                        ">= 5.14 and memory to back them); each is faulted in on first use")
+            return
+    logger.info("KV cache pages faulted in ahead in %.1f s", time.perf_counter() - start)
 
 
 def _available_memory(device: torch.device) -> int:
