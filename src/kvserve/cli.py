@@ -22,7 +22,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--max-num-batched-tokens-while-decoding", type=int, default=None,
                    help="token budget of a step while requests decode (default: the whole budget; "
-                   "`kvserve serve` on a CPU: half of it)")
+                   "`kvserve serve` on a CPU: a quarter of it)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)

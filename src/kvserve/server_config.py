@@ -45,7 +45,7 @@ class ServerConfig:
     max_num_batched_tokens_while_decoding: Optional[int] = _opt(
         None,
         "token budget of a step while requests decode: shorter steps, shorter waits for new requests "
-        "(default: half the budget on a CPU, the whole budget on a GPU)",
+        "(default: a quarter of the budget on a CPU, the whole budget on a GPU)",
     )
     block_size: int = _opt(16, "tokens per KV-cache block")
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache of shared prompt prefixes")

@@ -45,7 +45,7 @@ def test_json_config_file_and_engine_args(tmp_path):
     args = config.engine_args()
     assert (args.max_model_len, args.block_size, args.enable_prefix_caching) == (1024, 32, True)
     assert args.max_num_batched_tokens_while_decoding is None  # resolved per device by EngineArgs
-    assert args.serving  # ... as for a server: half the budget on a CPU
+    assert args.serving  # ... as for a server: a quarter of the budget on a CPU
     short = parse(["--max-num-batched-tokens-while-decoding", "512"]).engine_args()
     assert short.max_num_batched_tokens_while_decoding == 512
 

@@ -19,10 +19,13 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: Optional[int] = None
     # Step budget while requests decode (Scheduler._prefill_budget). Default: for a server on a CPU,
-    # half the budget, since a full 2,048-token step takes ~0.5 s that every newly arrived request
-    # waits out; else the whole budget (a GPU's steps are short, and offline nobody waits for a first
-    # token: the short budget cut the offline benchmarks' throughput, 256 x 256 prompts / 128 tokens
-    # 41.3-43.8 vs 46.5-47.1 s, 256 x (1,024 shared + 64) / 64 tokens 17.6-17.8 vs 18.5-20.4 s).
+    # a quarter of the budget, since a full 2,048-token step takes ~0.5 s that every newly arrived
+    # request and every decoding stream waits out. Served 256/128-token streams, 512 vs 1,024 tokens
+    # (budget 2,048), noisy host: p99 ITL c=16 176 / 163 vs 281 / 238 ms, c=64 202-256 vs 323-373 ms;
+    # median TTFT c=16 493 / 385 vs 618 / 590 ms; output tok/s equal within the host's +-10% swings.
+    # Else the whole budget: a GPU's steps are short, and offline nobody waits for a first token (the
+    # short budget cut the offline benchmarks' throughput: 256 x 256 prompts / 128 tokens 41.3-43.8
+    # vs 46.5-47.1 s, 256 x (1,024 shared + 64) / 64 tokens 17.6-17.8 vs 18.5-20.4 s).
     max_num_batched_tokens_while_decoding: Optional[int] = None
     serving: bool = False  # an online server (requests arrive while others decode), not offline use
     block_size: int = 16
@@ -60,7 +63,7 @@ class EngineArgs:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         short_budget = self.max_num_batched_tokens_while_decoding
         if short_budget is None:
-            short_budget = max(1, budget // 2) if device == "cpu" and self.serving else budget
+            short_budget = max(1, budget // 4) if device == "cpu" and self.serving else budget
         if short_budget < 1:
             raise ValueError(f"max_num_batched_tokens_while_decoding must be positive, got {short_budget}")
         return EngineConfig(
