@@ -87,7 +87,8 @@ class ModelRunner:
         for layer, cache in zip(self.attn_layers, self.kv_caches):
             layer.kv_cache, layer.backend = cache, self.backend
         if self.device.type == "cpu" and self.config.cache.prefault_in_background:
-            threading.Thread(target=_prefault, args=(list(self.kv_caches),), name="kvserve-kv-prefault", daemon=True).start()
+            caches = list(self.kv_caches)  # the thread holds them until it is done
+            threading.Thread(target=_prefault, args=(caches,), name="kvserve-kv-prefault", daemon=True).start()
 
     @torch.inference_mode()
     def execute_model(self, sched_out: SchedulerOutput) -> ModelRunnerOutput:
