@@ -123,7 +123,8 @@ class ModelRunner:
 
     def _sample(self, batch: StepBatch, starts: torch.Tensor, hidden: torch.Tensor) -> SamplerOutput:
         rows = (starts[1:][batch.sampling_rows] - 1).to(self.device)  # last row of each sampling request
-        if self._logits_buffer.shape[0] < rows.shape[0] and self.device.type == "cpu":
+        # Only the CPU decode kernel writes into it, and only for bf16 models.
+        if self._logits_buffer.shape[0] < rows.shape[0] and self.device.type == "cpu" and self.dtype == torch.bfloat16:
             self._logits_buffer = self._logits_buffer.new_empty(rows.shape[0], self._logits_buffer.shape[1])
         # [S, V] float32 or the model dtype; read only by this step's sampler
         logits = self.model.compute_logits(hidden[rows], upcast=False, out=self._logits_buffer[: rows.shape[0]])
