@@ -29,11 +29,9 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 512 
     or when the user set MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ themselves."""
     if any(os.environ.get(name) for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    if mallopt is None:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
@@ -44,11 +42,19 @@ def populate(address: int, nbytes: int) -> bool:
     """Fault in (writable) every page of [address, address + nbytes) without changing its contents,
     so that later writes there take no page faults. Returns False where that is not available (not
     Linux >= 5.14, not glibc) or the memory cannot be committed (the pages then stay lazy)."""
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
+    madvise = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int)
+    if madvise is None:
         return False
-    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     page = os.sysconf("SC_PAGE_SIZE")
     start = address // page * page
     return madvise(start, address + nbytes - start, _MADV_POPULATE_WRITE) == 0  # ctypes releases the GIL
+
+
+def _libc_function(name: str, argtypes: list, restype):
+    """The C library's function `name` with its ctypes signature set, or None without it (not glibc)."""
+    try:
+        function = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = argtypes, restype
+    return function

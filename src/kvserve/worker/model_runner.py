@@ -61,9 +61,12 @@ class ModelRunner:
         self.input_batch = InputBatch(self.device)
         self.kv_caches: list[torch.Tensor] = []
         # float32 [rows, vocab], grown to the most rows sampled in one step: the head's logits go here
-        # (CPU decode kernel) so that a step does not page-fault them in (256 rows x 49,152: 50 MB,
-        # past glibc's largest mmap threshold, so a fresh tensor is mapped anew every step: +13 ms).
-        self._logits_buffer = torch.empty(0, config.model.vocab_size, dtype=torch.float32, device=self.device)
+        # (CPU decode kernel, bf16 models: the only writer) so that a step does not page-fault them in
+        # (256 rows x 49,152: 50 MB, past glibc's largest mmap threshold, so a fresh tensor is mapped
+        # anew every step: +13 ms). None where nothing would write into it.
+        self._logits_buffer: Optional[torch.Tensor] = None
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            self._logits_buffer = torch.empty(0, config.model.vocab_size, dtype=torch.float32)
 
     def determine_num_blocks(self) -> int:
         """KV blocks that fit the budget: kv_cache_memory_bytes, else a fraction of the memory
@@ -123,11 +126,11 @@ class ModelRunner:
 
     def _sample(self, batch: StepBatch, starts: torch.Tensor, hidden: torch.Tensor) -> SamplerOutput:
         rows = (starts[1:][batch.sampling_rows] - 1).to(self.device)  # last row of each sampling request
-        # Only the CPU decode kernel writes into it, and only for bf16 models.
-        if self._logits_buffer.shape[0] < rows.shape[0] and self.device.type == "cpu" and self.dtype == torch.bfloat16:
-            self._logits_buffer = self._logits_buffer.new_empty(rows.shape[0], self._logits_buffer.shape[1])
+        n, buffer = rows.shape[0], self._logits_buffer
+        if buffer is not None and buffer.shape[0] < n:
+            buffer = self._logits_buffer = buffer.new_empty(n, buffer.shape[1])
         # [S, V] float32 or the model dtype; read only by this step's sampler
-        logits = self.model.compute_logits(hidden[rows], upcast=False, out=self._logits_buffer[: rows.shape[0]])
+        logits = self.model.compute_logits(hidden[rows], upcast=False, out=None if buffer is None else buffer[:n])
         states = [self.input_batch.requests[batch.req_ids[b]] for b in batch.sampling_rows]
         meta = SamplingMetadata.build(
             [s.sampling_params for s in states],
