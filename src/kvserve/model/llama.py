@@ -105,12 +105,19 @@ class LlamaModel(nn.Module):
             [LlamaDecoderLayer(config, rotary_emb, dtype) for _ in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        # Set by the model runner where it applies: callable(hidden, cos_sin) -> (hidden, residual)
+        # after all layers, or None for steps it does not cover (ops/cpu_layers.CpuLayerStack).
+        self.layer_stack = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None  # [T, hidden]
         cos_sin = self.rotary_emb.cos_sin(positions)  # [T, D], shared by every layer
-        for layer in self.layers:
-            hidden, residual = layer(cos_sin, hidden, residual)
+        stacked = self.layer_stack(hidden, cos_sin) if self.layer_stack is not None else None
+        if stacked is not None:  # the same layers, run in one call (ops/cpu_layers.py)
+            hidden, residual = stacked
+        else:
+            for layer in self.layers:
+                hidden, residual = layer(cos_sin, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -21,6 +21,7 @@ from kvserve.core.sched_output import SchedulerOutput
 from kvserve.forward_context import set_forward_context
 from kvserve.layers.attention import Attention
 from kvserve.model.loader import load_model
+from kvserve.ops.cpu_layers import CpuLayerStack
 from kvserve.worker.input_batch import InputBatch, StepBatch
 from kvserve.worker.sampler import Sampler, SamplerOutput, gather_logprobs
 from kvserve.worker.sampling_metadata import SamplingMetadata
@@ -89,6 +90,9 @@ class ModelRunner:
         self._never_used = torch.ones(num_blocks, dtype=torch.bool)  # host mask of blocks not yet zeroed
         for layer, cache in zip(self.attn_layers, self.kv_caches):
             layer.kv_cache, layer.backend = cache, self.backend
+        body = getattr(self.model, "model", None)
+        if self.device.type == "cpu" and hasattr(body, "layer_stack"):  # it holds the caches' addresses
+            body.layer_stack = CpuLayerStack.build(self.model, self.backend)
         if self.device.type == "cpu" and self.config.cache.prefault_in_background:
             caches = list(self.kv_caches)  # the thread holds them until it is done
             threading.Thread(target=_prefault, args=(caches,), name="kvserve-kv-prefault", daemon=True).start()

@@ -1239,6 +1239,48 @@ void kv_decode_matmul_bf16(const void* x, int64_t M, int64_t K, const void* Wv, 
   decode_matmul_dp(xb, M, K, w, N, static_cast<bf16*>(out));
 }
 
+// A whole stack of Llama decoder layers for one step in one call: the same kernels, in the same
+// order, on the same values as the Python layers (model/llama.py), so the result is bit-identical;
+// what it saves is the Python between them (~110 us per layer, ~3.3 ms per step of the default
+// model). The caller (ops/cpu_layers.py) has checked that it applies: bf16, decode_matmul for every
+// linear (rows <= its max rows), no biases or q/k norms, every row through the paged kernel.
+// layer_ptrs: [L][8] = input norm w, qkv W, o W, post norm w, gate_up W, down W (decode_weight
+// layouts), keys, values of the layer's cache. dims: M, H, Hq, Hk, D, I, block size, bt_stride, n_reqs.
+// hidden: [M, H] in: layer 0's input norm already applied (the caller did the first norm and the
+// residual copy, as the Python layer does); out: the last layer's MLP output. residual: [M, H]
+// float32, updated in place. scratch: bf16, M * (H + 2 * Hq * D + (Hq + 2 * Hk) * D + 3 * I).
+void kv_llama_layers_bf16(int64_t L, const int64_t* layer_ptrs, void* hidden_, float* residual, void* scratch,
+                          const int64_t* dims, const float* cos_sin, const int64_t* slots,
+                          const int64_t* block_tables, const int64_t* seq_lens, const int64_t* qstart,
+                          const int64_t* reqs, float eps, float scale) {
+  const int64_t M = dims[0], H = dims[1], Hq = dims[2], Hk = dims[3], D = dims[4], I = dims[5], bs = dims[6];
+  const int64_t bt_stride = dims[7], n_reqs = dims[8], W = (Hq + 2 * Hk) * D;
+  bf16* hidden = static_cast<bf16*>(hidden_);
+  bf16* normed = static_cast<bf16*>(scratch);  // [M, H]
+  bf16* qkv = normed + M * H;                  // [M, W]
+  bf16* q = qkv + M * W;                       // [M, Hq * D]: q rows, contiguous for the paged kernel
+  bf16* attn = q + M * Hq * D;                 // [M, Hq * D]
+  bf16* gate_up = attn + M * Hq * D;           // [M, 2I]
+  bf16* act = gate_up + M * 2 * I;             // [M, I]
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t* w = layer_ptrs + 8 * l;
+    const bf16 *ln1 = reinterpret_cast<const bf16*>(w[0]), *ln2 = reinterpret_cast<const bf16*>(w[3]);
+    bf16 *k_cache = reinterpret_cast<bf16*>(w[6]), *v_cache = reinterpret_cast<bf16*>(w[7]);
+    if (l > 0) rms_norm(hidden, residual, normed, ln1, M, H, eps);
+    kv_decode_matmul_bf16(l > 0 ? normed : hidden, M, H, reinterpret_cast<const void*>(w[1]), W, qkv, 1, 0);
+    rotary(qkv, qkv + Hq * D, cos_sin, M, Hq, Hk, D, W, W);
+    write_kv(qkv + Hq * D, qkv + (Hq + Hk) * D, W, W, k_cache, v_cache, slots, M, Hk * D);
+    for (int64_t r = 0; r < M; ++r) std::memcpy(q + r * Hq * D, qkv + r * W, Hq * D * sizeof(bf16));
+    paged_attention_d<bf16>(q, k_cache, v_cache, attn, block_tables, bt_stride, seq_lens, qstart, reqs, n_reqs, Hq,
+                            Hk, D, bs, scale, 0, nullptr, nullptr);
+    kv_decode_matmul_bf16(attn, M, Hq * D, reinterpret_cast<const void*>(w[2]), H, hidden, 1, 0);
+    rms_norm(hidden, residual, normed, ln2, M, H, eps);
+    kv_decode_matmul_bf16(normed, M, H, reinterpret_cast<const void*>(w[4]), 2 * I, gate_up, 1, 0);
+    silu_and_mul(gate_up, act, M, I);
+    kv_decode_matmul_bf16(act, M, I, reinterpret_cast<const void*>(w[5]), H, hidden, 1, 0);
+  }
+}
+
 // Causal attention of fresh prompts (see prefill_attention_amx): returns 0, doing nothing, where
 // it does not apply (no AMX, D not a multiple of 32 or over 256); the caller then runs SDPA.
 int kv_prefill_attention_bf16(const void* q, const void* k, const void* v, void* out, const int64_t* starts,
