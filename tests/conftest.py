@@ -13,7 +13,7 @@ def tiny_llama_dir(tmp_path_factory) -> str:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
-def build_tiny_llama(folder: Path) -> str:
+def build_tiny_llama(folder: Path, hidden: int = 64, heads: int = 4, kv_heads: int = 2) -> str:
     """Write the tiny model (config, seeded weights, the default model's tokenizer) into folder.
     Also used by benchmarks/gpu_check.py, which runs it on a GPU."""
     import safetensors.torch
@@ -25,7 +25,7 @@ def build_tiny_llama(folder: Path) -> str:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(default_model_path())
-    vocab, hidden, inter, layers, heads, kv_heads = len(tok), 64, 128, 2, 4, 2
+    vocab, inter, layers = len(tok), 128, 2
     head_dim = hidden // heads
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,

@@ -1239,22 +1239,42 @@ void kv_decode_matmul_bf16(const void* x, int64_t M, int64_t K, const void* Wv, 
   decode_matmul_dp(xb, M, K, w, N, static_cast<bf16*>(out));
 }
 
+// Whether prefill_attention_amx applies (AMX granted, head size a multiple of 32 up to 256, its
+// 32-bit gather offsets in range for every prompt); where not, callers run SDPA.
+inline bool prefill_attention_applies(const int64_t* lens, int64_t P, int64_t Hq, int64_t Hk, int64_t D,
+                                      int64_t q_stride, int64_t v_stride) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (!amx_granted() || D % 32 != 0 || D > 256 || Hk <= 0 || Hq % Hk != 0) return false;
+  for (int64_t p = 0; p < P; ++p)  // gather offsets (rows x stride / 2, rows up to the padded length) are 32-bit
+    if ((lens[p] + kPfKeys) * std::max(q_stride, v_stride) / 2 >= (int64_t{1} << 31)) return false;
+  return true;
+#else
+  (void)lens, (void)P, (void)Hq, (void)Hk, (void)D, (void)q_stride, (void)v_stride;
+  return false;
+#endif
+}
+
 // A whole stack of Llama decoder layers for one step in one call: the same kernels, in the same
-// order, on the same values as the Python layers (model/llama.py), so the result is bit-identical;
-// what it saves is the Python between them (~110 us per layer, ~3.3 ms per step of the default
-// model). The caller (ops/cpu_layers.py) has checked that it applies: bf16, decode_matmul for every
-// linear (rows <= its max rows), no biases or q/k norms, every row through the paged kernel.
+// order, on the same values as the Python layers (model/llama.py) with the CPU attention backend,
+// so the result is bit-identical; what it saves is the Python between them. The caller
+// (ops/cpu_layers.py) has checked that it applies: bf16, decode_matmul for every linear (rows <=
+// its max rows), no biases or q/k norms, each request's attention either a fresh prompt (the AMX
+// prefill kernel) or the paged kernel's. Returns 0, doing nothing, where the prefill kernel does not
+// apply to the fresh prompts (the caller then runs the Python layers), else 1.
 // layer_ptrs: [L][8] = input norm w, qkv W, o W, post norm w, gate_up W, down W (decode_weight
-// layouts), keys, values of the layer's cache. dims: M, H, Hq, Hk, D, I, block size, bt_stride, n_reqs.
+// layouts), keys, values of the layer's cache. dims: M, H, Hq, Hk, D, I, block size, bt_stride,
+// n_reqs (paged kernel's requests `reqs`), P (fresh prompts at rows fresh_starts, fresh_lens long).
 // hidden: [M, H] in: layer 0's input norm already applied (the caller did the first norm and the
 // residual copy, as the Python layer does); out: the last layer's MLP output. residual: [M, H]
 // float32, updated in place. scratch: bf16, M * (H + 2 * Hq * D + (Hq + 2 * Hk) * D + 3 * I).
-void kv_llama_layers_bf16(int64_t L, const int64_t* layer_ptrs, void* hidden_, float* residual, void* scratch,
-                          const int64_t* dims, const float* cos_sin, const int64_t* slots,
-                          const int64_t* block_tables, const int64_t* seq_lens, const int64_t* qstart,
-                          const int64_t* reqs, float eps, float scale) {
+int kv_llama_layers_bf16(int64_t L, const int64_t* layer_ptrs, void* hidden_, float* residual, void* scratch,
+                         const int64_t* dims, const float* cos_sin, const int64_t* slots,
+                         const int64_t* block_tables, const int64_t* seq_lens, const int64_t* qstart,
+                         const int64_t* reqs, const int64_t* fresh_starts, const int64_t* fresh_lens, float eps,
+                         float scale) {
   const int64_t M = dims[0], H = dims[1], Hq = dims[2], Hk = dims[3], D = dims[4], I = dims[5], bs = dims[6];
-  const int64_t bt_stride = dims[7], n_reqs = dims[8], W = (Hq + 2 * Hk) * D;
+  const int64_t bt_stride = dims[7], n_reqs = dims[8], P = dims[9], W = (Hq + 2 * Hk) * D;
+  if (P > 0 && !prefill_attention_applies(fresh_lens, P, Hq, Hk, D, W, W)) return 0;
   bf16* hidden = static_cast<bf16*>(hidden_);
   bf16* normed = static_cast<bf16*>(scratch);  // [M, H]
   bf16* qkv = normed + M * H;                  // [M, W]
@@ -1270,15 +1290,23 @@ void kv_llama_layers_bf16(int64_t L, const int64_t* layer_ptrs, void* hidden_, f
     kv_decode_matmul_bf16(l > 0 ? normed : hidden, M, H, reinterpret_cast<const void*>(w[1]), W, qkv, 1, 0);
     rotary(qkv, qkv + Hq * D, cos_sin, M, Hq, Hk, D, W, W);
     write_kv(qkv + Hq * D, qkv + (Hq + Hk) * D, W, W, k_cache, v_cache, slots, M, Hk * D);
-    for (int64_t r = 0; r < M; ++r) std::memcpy(q + r * Hq * D, qkv + r * W, Hq * D * sizeof(bf16));
-    paged_attention_d<bf16>(q, k_cache, v_cache, attn, block_tables, bt_stride, seq_lens, qstart, reqs, n_reqs, Hq,
-                            Hk, D, bs, scale, 0, nullptr, nullptr);
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (P > 0)
+      prefill_attention_amx(qkv, qkv + Hq * D, qkv + (Hq + Hk) * D, attn, fresh_starts, fresh_lens, P, Hq, Hk, D, W,
+                            W, W, scale);
+#endif
+    if (n_reqs > 0) {
+      for (int64_t r = 0; r < M; ++r) std::memcpy(q + r * Hq * D, qkv + r * W, Hq * D * sizeof(bf16));
+      paged_attention_d<bf16>(q, k_cache, v_cache, attn, block_tables, bt_stride, seq_lens, qstart, reqs, n_reqs,
+                              Hq, Hk, D, bs, scale, 0, nullptr, nullptr);
+    }
     kv_decode_matmul_bf16(attn, M, Hq * D, reinterpret_cast<const void*>(w[2]), H, hidden, 1, 0);
     rms_norm(hidden, residual, normed, ln2, M, H, eps);
     kv_decode_matmul_bf16(normed, M, H, reinterpret_cast<const void*>(w[4]), 2 * I, gate_up, 1, 0);
     silu_and_mul(gate_up, act, M, I);
     kv_decode_matmul_bf16(act, M, I, reinterpret_cast<const void*>(w[5]), H, hidden, 1, 0);
   }
+  return 1;
 }
 
 // Causal attention of fresh prompts (see prefill_attention_amx): returns 0, doing nothing, where
@@ -1287,9 +1315,7 @@ int kv_prefill_attention_bf16(const void* q, const void* k, const void* v, void*
                               const int64_t* lens, int64_t P, int64_t Hq, int64_t Hk, int64_t D, int64_t q_stride,
                               int64_t k_stride, int64_t v_stride, float scale) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  if (!amx_granted() || D % 32 != 0 || D > 256 || Hk <= 0 || Hq % Hk != 0) return 0;
-  for (int64_t p = 0; p < P; ++p)  // gather offsets (rows x stride / 2, rows up to the padded length) are 32-bit
-    if ((lens[p] + kPfKeys) * std::max(q_stride, v_stride) / 2 >= (int64_t{1} << 31)) return 0;
+  if (!prefill_attention_applies(lens, P, Hq, Hk, D, q_stride, v_stride)) return 0;
   prefill_attention_amx(static_cast<const bf16*>(q), static_cast<const bf16*>(k), static_cast<const bf16*>(v),
                         static_cast<bf16*>(out), starts, lens, P, Hq, Hk, D, q_stride, k_stride, v_stride, scale);
   return 1;
