@@ -20,33 +20,36 @@ pytestmark = pytest.mark.skipif(
 AMX = cpu_ops.decode_matmul_max_rows(32, 16) > 4  # then fresh prompts go through the AMX prefill kernel
 
 
-def _run(model_dir: str, use_stack: bool):
-    """Greedy and seeded requests with logprobs, half of them arriving while the first half decodes.
+def _run(model_dir: str, use_stack: bool, shared_prefix: int = 0):
+    """Greedy and seeded requests with logprobs, half of them arriving while the first half decodes;
+    with shared_prefix, every prompt starts with the same that many tokens (prefix caching on).
     -> ({request id: (token ids, logprobs)}, the stack's step counts)."""
     engine = LLMEngine.from_engine_args(
         EngineArgs(model=model_dir, dtype="bfloat16", kv_cache_memory_bytes=64 << 20, max_num_seqs=32,
-                   max_num_batched_tokens=256, enable_prefix_caching=False)  # fmt: skip
+                   max_num_batched_tokens=512, enable_prefix_caching=bool(shared_prefix))  # fmt: skip
     )
     body = engine.runner.model.model
     stack = body.layer_stack
     assert stack is not None  # the tiny models' shapes suit the decode kernels (K % 32, N % 16)
-    calls = {"decode": 0, "with fresh prompts": 0, "declined": 0}
+    calls = {"decode": 0, "with fresh prompts": 0, "cascade": 0, "declined": 0}
 
     def counted(hidden, cos_sin):
-        fresh = bool(get_attention_metadata().backend_state.fresh)
+        plan = get_attention_metadata().backend_state
         result = stack(hidden, cos_sin)
-        calls["declined" if result is None else "with fresh prompts" if fresh else "decode"] += 1
+        kind = "cascade" if plan.cascade is not None else "with fresh prompts" if plan.fresh else "decode"
+        calls["declined" if result is None else kind] += 1
         return result
 
     body.layer_stack = counted if use_stack else None
     g = torch.Generator().manual_seed(0)
     lengths = [3, 17, 40, 5, 64, 9, 33, 120, 20, 7]
+    prefix = torch.randint(3, 200, (shared_prefix,), generator=g).tolist()
     requests = []
     for i, n in enumerate(lengths):
         p = SamplingParams(temperature=0, max_tokens=24, logprobs=3, ignore_eos=True)
         if i % 4 == 1:
             p = SamplingParams(temperature=0.8, seed=i, max_tokens=30, logprobs=1, ignore_eos=True)
-        requests.append((str(i), torch.randint(3, 200, (n,), generator=g).tolist(), p))
+        requests.append((str(i), prefix + torch.randint(3, 200, (n,), generator=g).tolist(), p))
     outputs, steps = {}, 0
     while requests[:5] or engine.has_unfinished_requests():
         if steps in (0, 6):  # the second half arrives while the first decodes
@@ -60,16 +63,24 @@ def _run(model_dir: str, use_stack: bool):
     return outputs, calls
 
 
-@pytest.mark.parametrize("shape", [dict(), dict(hidden=128, heads=2, kv_heads=1)], ids=["head16", "head64"])
-def test_layer_stack_matches_the_python_layers_bit_for_bit(tmp_path, shape):
+HEAD64 = dict(hidden=128, heads=2, kv_heads=1)
+
+
+@pytest.mark.parametrize(
+    "shape,shared_prefix", [(dict(), 0), (HEAD64, 0), (HEAD64, 272)], ids=["head16", "head64", "head64-shared-prefix"]
+)
+def test_layer_stack_matches_the_python_layers_bit_for_bit(tmp_path, shape, shared_prefix):
     model_dir = build_tiny_llama(tmp_path, **shape)
-    stacked, calls = _run(model_dir, True)
-    layers, no_calls = _run(model_dir, False)
-    assert no_calls == {"decode": 0, "with fresh prompts": 0, "declined": 0}
-    assert calls["decode"] >= 20
-    # Fresh prompts: the AMX prefill kernel where it applies (head size 64 with AMX), else declined.
+    stacked, calls = _run(model_dir, True, shared_prefix)
+    layers, no_calls = _run(model_dir, False, shared_prefix)
+    assert set(no_calls.values()) == {0}
+    assert calls["decode"] + calls["cascade"] >= 20
+    # Fresh prompts and shared prefixes: AMX kernels where they apply (head size 64 with AMX), else declined.
     if AMX and shape:
-        assert calls["with fresh prompts"] >= 2
+        if shared_prefix:
+            assert calls["cascade"] >= 10
+        else:
+            assert calls["with fresh prompts"] >= 1 and calls["cascade"] == 0
     else:
         assert calls["with fresh prompts"] == 0 and calls["declined"] >= 2
     assert len(layers) == 10 and stacked.keys() == layers.keys()

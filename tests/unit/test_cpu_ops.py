@@ -212,6 +212,34 @@ def _has_amx() -> bool:
 
 
 @pytest.mark.parametrize(
+    "hq,hkv,d,rows,first,blocks",
+    [(9, 3, 64, 37, 5, 3), (9, 3, 64, 256, 2, 64), (4, 2, 128, 16, 0, 5)],
+    ids=["48-keys-partial-tile", "1024-keys", "head128-80-keys"],
+)
+def test_prefix_attention_matches_sdpa_with_log_sum_exp(hq, hkv, d, rows, first, blocks):
+    """Every row over all keys of a run of cache blocks, read in place: output and log-sum-exp."""
+    torch.manual_seed(0)
+    bs = 16
+    cache = torch.randn(2, first + blocks + 2, bs, hkv, d).bfloat16()
+    qkv = torch.randn(rows, (hq + 2 * hkv) * d).bfloat16()
+    q = qkv[:, : hq * d].unflatten(-1, (hq, d))  # strided rows, as the model hands them over
+    out = torch.full((rows, hq, d), float("nan"), dtype=torch.bfloat16)
+    lse = torch.full((rows, hq), float("nan"))
+    applied = cpu_ops.prefix_attention(q, cache, first, blocks, out, lse, d**-0.5)
+    assert applied == _has_amx()  # elsewhere the backend runs SDPA, as before
+    if not applied:
+        return
+    k, v = (cache[i, first : first + blocks].reshape(-1, hkv, d).float() for i in (0, 1))  # [n, Hkv, D]
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.repeat_interleave(hq // hkv, dim=1)) * d**-0.5
+    expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.repeat_interleave(hq // hkv, dim=1))
+    # P rounded to bf16 for the PV multiply (as SDPA's bf16 path), then one rounding of the output
+    torch.testing.assert_close(out.float(), expected, atol=1.6e-2, rtol=1.6e-2)
+    assert (out.float() - expected).abs().mean() < 1e-3
+    torch.testing.assert_close(lse, scores.logsumexp(-1).transpose(0, 1), atol=1e-4, rtol=1e-5)
+    assert not cpu_ops.prefix_attention(q, cache, 1, cache.shape[1], out, lse, d**-0.5)  # past the cache
+
+
+@pytest.mark.parametrize(
     "hq,hkv,d,starts,lens",
     [
         (9, 3, 64, [0, 1, 16, 32, 49, 80, 112, 145], [1, 15, 16, 17, 31, 32, 33, 100]),

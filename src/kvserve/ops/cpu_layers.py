@@ -12,8 +12,9 @@ real kernels it costs several times that.)
 It applies to a model whose layers are all Llama layers with bf16 weights in decode_matmul's layout
 (CPU with AMX: cpu_ops.decode_weight), no biases, no q/k norms; and to a step whose rows are at most
 decode_matmul's row limit and whose attention the CPU backend sends through its kernels only: fresh
-prompts through the AMX prefill kernel, every other request through the paged kernel (no cascade,
-no long chunk after context). Elsewhere it declines (returns None) and the layers run.
+prompts through the AMX prefill kernel, every other request through the paged kernel, after a
+shared prefix through the AMX kernel when a cascade covers every row of the step (no long chunk
+after context). Elsewhere it declines (returns None) and the layers run.
 """
 from __future__ import annotations
 
@@ -92,12 +93,16 @@ class CpuLayerStack:
         would return them after the last layer, or None where this step is not covered."""
         m, meta = hidden.shape[0], get_attention_metadata()
         plan = meta.backend_state
-        if not 0 < m <= self.max_rows or plan is None or plan.context is not None or plan.cascade is not None:
+        if not 0 < m <= self.max_rows or plan is None or plan.context is not None:
             return None
-        if plan.kernel_reqs.numel() + plan.fresh_starts.numel() != len(meta.query_lens):
+        cascade = plan.cascade  # covered where the kernel reads it: every row, consecutive blocks
+        if cascade is not None and (not cascade.all_rows or cascade.prefix_first is None):
+            return None
+        reqs = cascade.reqs if cascade is not None else plan.kernel_reqs
+        if reqs.numel() + plan.fresh_starts.numel() != len(meta.query_lens):
             return None  # (a request neither fresh nor in the paged kernel's list)
-        index = (meta.slot_mapping, meta.block_tables_host, meta.seq_lens, meta.query_start_loc_host,
-                 plan.kernel_reqs, plan.fresh_starts, plan.fresh_lens)  # fmt: skip
+        index = (meta.slot_mapping, meta.block_tables_host, meta.seq_lens, meta.query_start_loc_host, reqs,
+                 plan.fresh_starts, plan.fresh_lens)  # fmt: skip
         if any(t.dtype != torch.int64 or not t.is_contiguous() or not t.is_cpu for t in index):
             return None
         if hidden.dtype != torch.bfloat16 or not hidden.is_contiguous():
@@ -107,17 +112,18 @@ class CpuLayerStack:
         first = self.layers[0]
         residual, normed = hidden.float(), first.input_layernorm(hidden)  # as LlamaDecoderLayer's first norm
         heads, kv, d, i = self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate
-        scratch = hidden.new_empty(m * (self.hidden_size + 2 * heads * d + (heads + 2 * kv) * d + 3 * i))
+        scratch = hidden.new_empty(m * (self.hidden_size + 3 * heads * d + (heads + 2 * kv) * d + 3 * i + 2 * heads) + 32)
         tables = meta.block_tables_host
+        prefix = (cascade.prefix_blocks.numel(), cascade.prefix_first) if cascade is not None else (0, 0)
         dims = torch.tensor(
-            [m, self.hidden_size, heads, kv, d, i, self.block_size, tables.stride(0), plan.kernel_reqs.numel(),
-             plan.fresh_starts.numel()],
+            [m, self.hidden_size, heads, kv, d, i, self.block_size, tables.stride(0), reqs.numel(),
+             plan.fresh_starts.numel(), *prefix],
             dtype=torch.long,
         )  # fmt: skip
         done = cpu_build.load().kv_llama_layers_bf16(
             len(self.layers), self.pointers.data_ptr(), normed.data_ptr(), residual.data_ptr(), scratch.data_ptr(),
             dims.data_ptr(), cos_sin.data_ptr(), meta.slot_mapping.data_ptr(), tables.data_ptr(),
-            meta.seq_lens.data_ptr(), meta.query_start_loc_host.data_ptr(), plan.kernel_reqs.data_ptr(),
+            meta.seq_lens.data_ptr(), meta.query_start_loc_host.data_ptr(), reqs.data_ptr(),
             plan.fresh_starts.data_ptr(), plan.fresh_lens.data_ptr(), self.eps, self.scale,
         )  # fmt: skip
         return (normed, residual) if done else None  # normed: now the last layer's output

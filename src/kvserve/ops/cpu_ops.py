@@ -244,3 +244,36 @@ def prefill_attention(
             starts.numel(), num_heads, k.shape[1], head_dim, q.stride(0), k.stride(0), v.stride(0), scale,
         )  # fmt: skip
     )
+
+
+def prefix_attention(
+    q: torch.Tensor,  # [T, Hq, D], rows may be strided
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    first_block: int,
+    num_blocks: int,
+    out: torch.Tensor,  # [T, Hq, D] contiguous, q's dtype
+    lse: torch.Tensor,  # [T, Hq] float32 contiguous
+    scale: float,
+) -> bool:
+    """Every row of q over all keys of the cache blocks first_block .. + num_blocks (consecutive: a
+    cascade's shared prefix, read in place), none masked: out <- attention output, lse <- the
+    natural-log sum of exp of each row's scaled scores (AMX kernel, bfloat16; P rounded to bf16 for
+    the PV multiply, as torch's CPU flash attention). Returns False, doing nothing, where the kernel
+    does not apply; the caller then runs SDPA, its reference."""
+    if _code(q, kv_cache, out) != 1 or q.dim() != 3 or out.shape != q.shape or not out.is_contiguous():
+        return False
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2] or not kv_cache.is_contiguous():
+        return False
+    if lse.dtype != torch.float32 or lse.shape != q.shape[:2] or not lse.is_contiguous() or not lse.is_cpu:
+        return False
+    _, total, block_size, num_kv_heads, head_dim = kv_cache.shape
+    if q.shape[2] != head_dim or not (0 <= first_block and num_blocks > 0 and first_block + num_blocks <= total):
+        return False
+    keys, values = _kv_halves(kv_cache)
+    offset = first_block * block_size * num_kv_heads * head_dim * kv_cache.element_size()
+    return bool(
+        cpu_build.load().kv_prefix_attention_bf16(
+            q.data_ptr(), keys + offset, values + offset, out.data_ptr(), lse.data_ptr(), q.shape[0],
+            num_blocks * block_size, q.shape[1], num_kv_heads, head_dim, q.stride(0), num_kv_heads * head_dim, scale,
+        )  # fmt: skip
+    )

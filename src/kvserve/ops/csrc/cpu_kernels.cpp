@@ -928,11 +928,13 @@ void decode_matmul_amx(const bf16* x, int64_t M, int64_t K, const bf16* Wv, int6
   }
 }
 
-// ---- Causal attention of fresh prompts (AMX) -------------------------------------------------
-// Prompts whose keys are all their own (positions 0..n-1, nothing cached): the step's q/k/v rows.
+// ---- Attention over a run of keys read in place (AMX): fresh prompts, shared prefixes --------
+// Causal: prompts whose keys are all their own (positions 0..n-1, nothing cached): the step's
+// q/k/v rows. Not causal: query rows that all see every key of a separate run (a cascade's shared
+// prefix, in the cache); then each row's log-sum-exp of its scaled scores can be written too.
 // Each task (prompt, q head, 16 query rows) runs a flash loop over blocks of 64 keys up to its
-// causal limit, in transposed form so that vector lanes are query rows and the online softmax
-// needs no horizontal reductions:
+// causal limit (all keys when not causal), in transposed form so that vector lanes are query rows
+// and the online softmax needs no horizontal reductions:
 //   S^T [64 keys][16 rows] = K [keys][D] . Q^T       (A: K rows read in place; B: Q^T in pairs)
 //   O^T [D][16 rows]      += V^T [D][keys] . P^T      (A: V^T, built once per (prompt, kv head);
 //                                                      B: P^T in key pairs)
@@ -956,14 +958,18 @@ constexpr int64_t kPfKeys = 64;  // keys per flash block
     }                                  \
   } while (0)
 
-void prefill_attention_amx(const bf16* q, const bf16* k, const bf16* v, bf16* out, const int64_t* starts,
-                           const int64_t* lens, int64_t P, int64_t Hq, int64_t Hk, int64_t D, int64_t q_stride,
-                           int64_t k_stride, int64_t v_stride, float scale) {
+// Prompt p: keys (and values) at rows starts[p] .. + lens[p] of k (v); its query rows at
+// q_starts[p] .. + q_lens[p] of q, written to the same rows of out (and lse [rows, Hq], if given).
+// Causal needs q_starts == starts and q_lens == lens (a prompt attends to itself).
+void attention_amx(const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse, const int64_t* q_starts,
+                   const int64_t* q_lens, const int64_t* starts, const int64_t* lens, int64_t P, int64_t Hq,
+                   int64_t Hk, int64_t D, int64_t q_stride, int64_t k_stride, int64_t v_stride, float scale,
+                   bool causal) {
   const int64_t G = Hq / Hk, DC = D / 32, DB = D / 16;
   std::vector<int64_t> off(P + 1, 0), task_off(P + 1, 0);  // per prompt: padded key offset, first task
   for (int64_t p = 0; p < P; ++p) {
     off[p + 1] = off[p] + (lens[p] + kPfKeys - 1) / kPfKeys * kPfKeys;
-    task_off[p + 1] = task_off[p] + Hq * ((lens[p] + 15) / 16);
+    task_off[p + 1] = task_off[p] + Hq * ((q_lens[p] + 15) / 16);
   }
   // V^T of (kv head h, prompt p): [D][padded keys] at (h * off[P] + off[p]) * D, zero past the prompt.
   // Kept per calling thread between calls: a fresh allocation of this size page-faults every call.
@@ -1015,14 +1021,14 @@ void prefill_attention_amx(const bf16* q, const bf16* k, const bf16* v, bf16* ou
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < task_off[P]; ++t) {
       const int64_t p = std::upper_bound(task_off.begin(), task_off.end(), t) - task_off.begin() - 1;
-      const int64_t n = lens[p], blocks = (n + 15) / 16, local = t - task_off[p];
+      const int64_t n = lens[p], nq = q_lens[p], blocks = (nq + 15) / 16, local = t - task_off[p];
       const int64_t qb = blocks - 1 - local / Hq, h = local % Hq, hk = h / G;  // longest rows first
-      const int64_t row0 = qb * 16, rows = std::min<int64_t>(16, n - row0), kend = row0 + rows;
+      const int64_t row0 = qb * 16, rows = std::min<int64_t>(16, nq - row0), kend = causal ? row0 + rows : n;
       const int64_t padded = off[p + 1] - off[p];
       // Q^T pairs: lane r = row row0 + r (rows past the prompt repeat its last row; not written out)
       const __m512i qidx = _mm512_mullo_epi32(_mm512_min_epi32(row_ids, _mm512_set1_epi32(rows - 1)),
                                               _mm512_set1_epi32(static_cast<int>(q_stride / 2)));
-      const int* qbase = reinterpret_cast<const int*>(q + (starts[p] + row0) * q_stride + h * D);
+      const int* qbase = reinterpret_cast<const int*>(q + (q_starts[p] + row0) * q_stride + h * D);
       for (int64_t d2 = 0; d2 < D / 2; ++d2)
         _mm512_store_si512(qt + d2 * 16, _mm512_i32gather_epi32(qidx, qbase + d2, 4));
       __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
@@ -1071,7 +1077,7 @@ void prefill_attention_amx(const bf16* q, const bf16* k, const bf16* v, bf16* ou
         if (nt > 1) _tile_stored(3, s + 256, 64);
         if (nt > 2) _tile_stored(6, s + 512, 64);
         if (nt > 3) _tile_stored(7, s + 768, 64);
-        // Key j is visible to lane r iff key0 + j <= row0 + r.
+        // Key j is visible to lane r iff key0 + j <= row0 + r (causal), key0 + j < n (not causal).
         const int64_t nkeys = nt * 16;
         __mmask16 vis[kPfKeys];
         // Maxima of the raw scores, then scaled (scale > 0: the same as the max of scaled scores).
@@ -1079,7 +1085,10 @@ void prefill_attention_amx(const bf16* q, const bf16* k, const bf16* v, bf16* ou
         __m512 mx[4] = {ninf, ninf, ninf, ninf};  // four independent max chains
         for (int64_t j = 0; j < nkeys; ++j) {
           const int64_t first = key0 + j - row0;  // first lane that sees key j
-          vis[j] = first <= 0 ? 0xffff : first >= 16 ? 0 : static_cast<__mmask16>(0xffffu << first);
+          if (causal)
+            vis[j] = first <= 0 ? 0xffff : first >= 16 ? 0 : static_cast<__mmask16>(0xffffu << first);
+          else
+            vis[j] = key0 + j < n ? 0xffff : 0;
           mx[j % 4] = _mm512_mask_max_ps(mx[j % 4], vis[j], mx[j % 4], _mm512_load_ps(s + j * 16));
         }
         const __m512 mnew =
@@ -1123,12 +1132,15 @@ void prefill_attention_amx(const bf16* q, const bf16* k, const bf16* v, bf16* ou
           }
         }
       }
-      // out[row] = O^T column / l
-      alignas(64) float inv_l[16];
+      // out[row] = O^T column / l; lse[row] = m + log(l)
+      alignas(64) float inv_l[16], l_rows[16], m_rows[16];
       _mm512_store_ps(inv_l, _mm512_div_ps(_mm512_set1_ps(1.0f), l));
+      _mm512_store_ps(l_rows, l);
+      _mm512_store_ps(m_rows, m);
       const __m512i col = _mm512_mullo_epi32(row_ids, _mm512_set1_epi32(16));
       for (int64_t r = 0; r < rows; ++r) {
-        bf16* dst = out + ((starts[p] + row0 + r) * Hq + h) * D;
+        if (lse) lse[(q_starts[p] + row0 + r) * Hq + h] = m_rows[r] + std::log(l_rows[r]);
+        bf16* dst = out + ((q_starts[p] + row0 + r) * Hq + h) * D;
         const __m512 inv = _mm512_set1_ps(inv_l[r]);
         for (int64_t d = 0; d < D; d += 16) {
           const __m512 o = _mm512_i32gather_ps(col, ot + d * 16 + r, 4);
@@ -1239,7 +1251,7 @@ void kv_decode_matmul_bf16(const void* x, int64_t M, int64_t K, const void* Wv, 
   decode_matmul_dp(xb, M, K, w, N, static_cast<bf16*>(out));
 }
 
-// Whether prefill_attention_amx applies (AMX granted, head size a multiple of 32 up to 256, its
+// Whether attention_amx applies (AMX granted, head size a multiple of 32 up to 256, its
 // 32-bit gather offsets in range for every prompt); where not, callers run SDPA.
 inline bool prefill_attention_applies(const int64_t* lens, int64_t P, int64_t Hq, int64_t Hk, int64_t D,
                                       int64_t q_stride, int64_t v_stride) {
@@ -1259,14 +1271,16 @@ inline bool prefill_attention_applies(const int64_t* lens, int64_t P, int64_t Hq
 // so the result is bit-identical; what it saves is the Python between them. The caller
 // (ops/cpu_layers.py) has checked that it applies: bf16, decode_matmul for every linear (rows <=
 // its max rows), no biases or q/k norms, each request's attention either a fresh prompt (the AMX
-// prefill kernel) or the paged kernel's. Returns 0, doing nothing, where the prefill kernel does not
-// apply to the fresh prompts (the caller then runs the Python layers), else 1.
+// prefill kernel) or the paged kernel's, after a cascade's shared prefix (the AMX kernel over every
+// row of the step) where there is one. Returns 0, doing nothing, where the AMX kernel does not
+// apply to the fresh prompts or the prefix (the caller then runs the Python layers), else 1.
 // layer_ptrs: [L][8] = input norm w, qkv W, o W, post norm w, gate_up W, down W (decode_weight
 // layouts), keys, values of the layer's cache. dims: M, H, Hq, Hk, D, I, block size, bt_stride,
-// n_reqs (paged kernel's requests `reqs`), P (fresh prompts at rows fresh_starts, fresh_lens long).
+// n_reqs (paged kernel's requests `reqs`), P (fresh prompts at rows fresh_starts, fresh_lens long),
+// prefix blocks (0: no cascade), the first of them (consecutive ids).
 // hidden: [M, H] in: layer 0's input norm already applied (the caller did the first norm and the
 // residual copy, as the Python layer does); out: the last layer's MLP output. residual: [M, H]
-// float32, updated in place. scratch: bf16, M * (H + 2 * Hq * D + (Hq + 2 * Hk) * D + 3 * I).
+// float32, updated in place. scratch: bf16, M * (H + 3 * Hq * D + (Hq + 2 * Hk) * D + 3 * I + 2 * Hq) + 32.
 int kv_llama_layers_bf16(int64_t L, const int64_t* layer_ptrs, void* hidden_, float* residual, void* scratch,
                          const int64_t* dims, const float* cos_sin, const int64_t* slots,
                          const int64_t* block_tables, const int64_t* seq_lens, const int64_t* qstart,
@@ -1274,7 +1288,10 @@ int kv_llama_layers_bf16(int64_t L, const int64_t* layer_ptrs, void* hidden_, fl
                          float scale) {
   const int64_t M = dims[0], H = dims[1], Hq = dims[2], Hk = dims[3], D = dims[4], I = dims[5], bs = dims[6];
   const int64_t bt_stride = dims[7], n_reqs = dims[8], P = dims[9], W = (Hq + 2 * Hk) * D;
+  const int64_t prefix_blocks = dims[10], prefix_keys = prefix_blocks * bs, prefix_at = dims[11] * bs * Hk * D;
   if (P > 0 && !prefill_attention_applies(fresh_lens, P, Hq, Hk, D, W, W)) return 0;
+  if (prefix_blocks > 0 && !prefill_attention_applies(&prefix_keys, 1, Hq, Hk, D, std::max(W, Hk * D), Hk * D))
+    return 0;
   bf16* hidden = static_cast<bf16*>(hidden_);
   bf16* normed = static_cast<bf16*>(scratch);  // [M, H]
   bf16* qkv = normed + M * H;                  // [M, W]
@@ -1282,6 +1299,8 @@ int kv_llama_layers_bf16(int64_t L, const int64_t* layer_ptrs, void* hidden_, fl
   bf16* attn = q + M * Hq * D;                 // [M, Hq * D]
   bf16* gate_up = attn + M * Hq * D;           // [M, 2I]
   bf16* act = gate_up + M * 2 * I;             // [M, I]
+  bf16* prefix_out = act + M * I;              // [M, Hq, D]: attention over the shared prefix
+  float* prefix_lse = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(prefix_out + M * Hq * D) + 63) & ~uintptr_t{63});
   for (int64_t l = 0; l < L; ++l) {
     const int64_t* w = layer_ptrs + 8 * l;
     const bf16 *ln1 = reinterpret_cast<const bf16*>(w[0]), *ln2 = reinterpret_cast<const bf16*>(w[3]);
@@ -1292,13 +1311,21 @@ int kv_llama_layers_bf16(int64_t L, const int64_t* layer_ptrs, void* hidden_, fl
     write_kv(qkv + Hq * D, qkv + (Hq + Hk) * D, W, W, k_cache, v_cache, slots, M, Hk * D);
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if (P > 0)
-      prefill_attention_amx(qkv, qkv + Hq * D, qkv + (Hq + Hk) * D, attn, fresh_starts, fresh_lens, P, Hq, Hk, D, W,
-                            W, W, scale);
+      attention_amx(qkv, qkv + Hq * D, qkv + (Hq + Hk) * D, attn, nullptr, fresh_starts, fresh_lens, fresh_starts,
+                    fresh_lens, P, Hq, Hk, D, W, W, W, scale, true);
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (prefix_blocks > 0) {  // a cascade covers every row (the caller checked)
+      const int64_t zero = 0;
+      attention_amx(qkv, k_cache + prefix_at, v_cache + prefix_at, prefix_out, prefix_lse, &zero, &M, &zero,
+                    &prefix_keys, 1, Hq, Hk, D, W, Hk * D, Hk * D, scale, false);
+    }
 #endif
     if (n_reqs > 0) {
       for (int64_t r = 0; r < M; ++r) std::memcpy(q + r * Hq * D, qkv + r * W, Hq * D * sizeof(bf16));
       paged_attention_d<bf16>(q, k_cache, v_cache, attn, block_tables, bt_stride, seq_lens, qstart, reqs, n_reqs,
-                              Hq, Hk, D, bs, scale, 0, nullptr, nullptr);
+                              Hq, Hk, D, bs, scale, prefix_blocks, prefix_blocks > 0 ? prefix_out : nullptr,
+                              prefix_blocks > 0 ? prefix_lse : nullptr);
     }
     kv_decode_matmul_bf16(attn, M, Hq * D, reinterpret_cast<const void*>(w[2]), H, hidden, 1, 0);
     rms_norm(hidden, residual, normed, ln2, M, H, eps);
@@ -1309,19 +1336,40 @@ int kv_llama_layers_bf16(int64_t L, const int64_t* layer_ptrs, void* hidden_, fl
   return 1;
 }
 
-// Causal attention of fresh prompts (see prefill_attention_amx): returns 0, doing nothing, where
+// Causal attention of fresh prompts (see attention_amx): returns 0, doing nothing, where
 // it does not apply (no AMX, D not a multiple of 32 or over 256); the caller then runs SDPA.
 int kv_prefill_attention_bf16(const void* q, const void* k, const void* v, void* out, const int64_t* starts,
                               const int64_t* lens, int64_t P, int64_t Hq, int64_t Hk, int64_t D, int64_t q_stride,
                               int64_t k_stride, int64_t v_stride, float scale) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
   if (!prefill_attention_applies(lens, P, Hq, Hk, D, q_stride, v_stride)) return 0;
-  prefill_attention_amx(static_cast<const bf16*>(q), static_cast<const bf16*>(k), static_cast<const bf16*>(v),
-                        static_cast<bf16*>(out), starts, lens, P, Hq, Hk, D, q_stride, k_stride, v_stride, scale);
+  attention_amx(static_cast<const bf16*>(q), static_cast<const bf16*>(k), static_cast<const bf16*>(v),
+                static_cast<bf16*>(out), nullptr, starts, lens, starts, lens, P, Hq, Hk, D, q_stride, k_stride, v_stride,
+                scale, true);
   return 1;
 #else
   (void)q, (void)k, (void)v, (void)out, (void)starts, (void)lens, (void)P, (void)Hq, (void)Hk, (void)D;
   (void)q_stride, (void)k_stride, (void)v_stride, (void)scale;
+  return 0;
+#endif
+}
+
+// Rows 0..T-1 of q over n keys / values, all visible (a cascade's shared prefix, read in place
+// with row stride kv_stride): out [T, Hq, D] bf16 and lse [T, Hq] float32, the natural-log sum of
+// exp of each row's scaled scores. Returns 0, doing nothing, where the kernel does not apply.
+int kv_prefix_attention_bf16(const void* q, const void* k, const void* v, void* out, float* lse, int64_t T,
+                             int64_t n, int64_t Hq, int64_t Hk, int64_t D, int64_t q_stride, int64_t kv_stride,
+                             float scale) {
+  const int64_t zero = 0;
+  if (T <= 0 || n <= 0 || !prefill_attention_applies(&n, 1, Hq, Hk, D, std::max(q_stride, kv_stride), kv_stride))
+    return 0;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  attention_amx(static_cast<const bf16*>(q), static_cast<const bf16*>(k), static_cast<const bf16*>(v),
+                static_cast<bf16*>(out), lse, &zero, &T, &zero, &n, 1, Hq, Hk, D, q_stride, kv_stride, kv_stride, scale,
+                false);
+  return 1;
+#else
+  (void)q, (void)k, (void)v, (void)out, (void)lse, (void)scale, (void)zero;
   return 0;
 #endif
 }
