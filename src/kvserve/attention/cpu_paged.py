@@ -16,9 +16,11 @@ Per step the batch splits three ways:
   split.
 Cascade for shared prefixes: when enough requests of the step that read cached context share
 their leading blocks (prefix caching hands them the same block ids), attention over those shared
-blocks runs once for all their query rows as one dense SDPA (GEMMs, which also returns each row's
-log-sum-exp), and the kernel continues each row from that state over its own blocks. The shared
-keys are then read once per step instead of once per request.
+blocks runs once for all their query rows, with each row's log-sum-exp: the AMX kernel reading the
+blocks in place where they are consecutive and the cascade covers every row of the step (1,024
+keys: 256 rows 1.30 -> 0.85 ms per layer, 2,048 rows 8.3 -> 7.0 ms), else one dense SDPA (GEMMs);
+the kernel continues each row from that state over its own blocks. The shared keys are then read
+once per step instead of once per request.
 Chosen by get_attention_backend only where the kernel applies (CPU, float32/bfloat16, library built).
 """
 from __future__ import annotations
@@ -167,7 +169,8 @@ def _shared_prefix_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, c: _Cascade, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the cascade's rows over the shared blocks only, as the kernel's initial state:
-    (out [T, Hq, D] in q.dtype, lse [T, Hq] float32); only the cascade's rows are filled.
+    (out [T, Hq, D] in q.dtype, lse [T, Hq] float32); only the cascade's rows are filled. The AMX
+    kernel (cpu_ops.prefix_attention) where it applies; the SDPA below is its reference.
     GQA: each kv head's G query heads of all R rows become one query sequence of R * G rows.
     The shared keys are a strided view of the cache when their blocks are consecutive, and with
     all rows in the cascade nothing is gathered or scattered: 256 decode rows over 1,024 shared
