@@ -112,7 +112,9 @@ class CpuLayerStack:
         first = self.layers[0]
         residual, normed = hidden.float(), first.input_layernorm(hidden)  # as LlamaDecoderLayer's first norm
         heads, kv, d, i = self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate
-        scratch = hidden.new_empty(m * (self.hidden_size + 3 * heads * d + (heads + 2 * kv) * d + 3 * i + 2 * heads) + 32)
+        # normed, qkv, q, attention out, gate_up, act, prefix out, prefix lse (float32, aligned): see the C++
+        per_row = self.hidden_size + (heads + 2 * kv) * d + 3 * heads * d + 3 * i + 2 * heads
+        scratch = hidden.new_empty(m * per_row + 32)
         tables = meta.block_tables_host
         prefix = (cascade.prefix_blocks.numel(), cascade.prefix_first) if cascade is not None else (0, 0)
         dims = torch.tensor(

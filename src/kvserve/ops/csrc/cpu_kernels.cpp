@@ -1253,7 +1253,7 @@ void kv_decode_matmul_bf16(const void* x, int64_t M, int64_t K, const void* Wv, 
 
 // Whether attention_amx applies (AMX granted, head size a multiple of 32 up to 256, its
 // 32-bit gather offsets in range for every prompt); where not, callers run SDPA.
-inline bool prefill_attention_applies(const int64_t* lens, int64_t P, int64_t Hq, int64_t Hk, int64_t D,
+inline bool attention_amx_applies(const int64_t* lens, int64_t P, int64_t Hq, int64_t Hk, int64_t D,
                                       int64_t q_stride, int64_t v_stride) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
   if (!amx_granted() || D % 32 != 0 || D > 256 || Hk <= 0 || Hq % Hk != 0) return false;
@@ -1289,8 +1289,8 @@ int kv_llama_layers_bf16(int64_t L, const int64_t* layer_ptrs, void* hidden_, fl
   const int64_t M = dims[0], H = dims[1], Hq = dims[2], Hk = dims[3], D = dims[4], I = dims[5], bs = dims[6];
   const int64_t bt_stride = dims[7], n_reqs = dims[8], P = dims[9], W = (Hq + 2 * Hk) * D;
   const int64_t prefix_blocks = dims[10], prefix_keys = prefix_blocks * bs, prefix_at = dims[11] * bs * Hk * D;
-  if (P > 0 && !prefill_attention_applies(fresh_lens, P, Hq, Hk, D, W, W)) return 0;
-  if (prefix_blocks > 0 && !prefill_attention_applies(&prefix_keys, 1, Hq, Hk, D, std::max(W, Hk * D), Hk * D))
+  if (P > 0 && !attention_amx_applies(fresh_lens, P, Hq, Hk, D, W, W)) return 0;
+  if (prefix_blocks > 0 && !attention_amx_applies(&prefix_keys, 1, Hq, Hk, D, std::max(W, Hk * D), Hk * D))
     return 0;
   bf16* hidden = static_cast<bf16*>(hidden_);
   bf16* normed = static_cast<bf16*>(scratch);  // [M, H]
@@ -1300,7 +1300,8 @@ int kv_llama_layers_bf16(int64_t L, const int64_t* layer_ptrs, void* hidden_, fl
   bf16* gate_up = attn + M * Hq * D;           // [M, 2I]
   bf16* act = gate_up + M * 2 * I;             // [M, I]
   bf16* prefix_out = act + M * I;              // [M, Hq, D]: attention over the shared prefix
-  float* prefix_lse = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(prefix_out + M * Hq * D) + 63) & ~uintptr_t{63});
+  float* prefix_lse =  // [M, Hq] float32, 64-byte aligned (the scratch has room for it)
+      reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(prefix_out + M * Hq * D) + 63) & ~uintptr_t{63});
   for (int64_t l = 0; l < L; ++l) {
     const int64_t* w = layer_ptrs + 8 * l;
     const bf16 *ln1 = reinterpret_cast<const bf16*>(w[0]), *ln2 = reinterpret_cast<const bf16*>(w[3]);
@@ -1313,8 +1314,6 @@ int kv_llama_layers_bf16(int64_t L, const int64_t* layer_ptrs, void* hidden_, fl
     if (P > 0)
       attention_amx(qkv, qkv + Hq * D, qkv + (Hq + Hk) * D, attn, nullptr, fresh_starts, fresh_lens, fresh_starts,
                     fresh_lens, P, Hq, Hk, D, W, W, W, scale, true);
-#endif
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if (prefix_blocks > 0) {  // a cascade covers every row (the caller checked)
       const int64_t zero = 0;
       attention_amx(qkv, k_cache + prefix_at, v_cache + prefix_at, prefix_out, prefix_lse, &zero, &M, &zero,
@@ -1342,10 +1341,10 @@ int kv_prefill_attention_bf16(const void* q, const void* k, const void* v, void*
                               const int64_t* lens, int64_t P, int64_t Hq, int64_t Hk, int64_t D, int64_t q_stride,
                               int64_t k_stride, int64_t v_stride, float scale) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  if (!prefill_attention_applies(lens, P, Hq, Hk, D, q_stride, v_stride)) return 0;
+  if (!attention_amx_applies(lens, P, Hq, Hk, D, q_stride, v_stride)) return 0;
   attention_amx(static_cast<const bf16*>(q), static_cast<const bf16*>(k), static_cast<const bf16*>(v),
-                static_cast<bf16*>(out), nullptr, starts, lens, starts, lens, P, Hq, Hk, D, q_stride, k_stride, v_stride,
-                scale, true);
+                static_cast<bf16*>(out), nullptr, starts, lens, starts, lens, P, Hq, Hk, D, q_stride, k_stride,
+                v_stride, scale, true);
   return 1;
 #else
   (void)q, (void)k, (void)v, (void)out, (void)starts, (void)lens, (void)P, (void)Hq, (void)Hk, (void)D;
@@ -1361,7 +1360,7 @@ int kv_prefix_attention_bf16(const void* q, const void* k, const void* v, void* 
                              int64_t n, int64_t Hq, int64_t Hk, int64_t D, int64_t q_stride, int64_t kv_stride,
                              float scale) {
   const int64_t zero = 0;
-  if (T <= 0 || n <= 0 || !prefill_attention_applies(&n, 1, Hq, Hk, D, std::max(q_stride, kv_stride), kv_stride))
+  if (T <= 0 || n <= 0 || !attention_amx_applies(&n, 1, Hq, Hk, D, std::max(q_stride, kv_stride), kv_stride))
     return 0;
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
   attention_amx(static_cast<const bf16*>(q), static_cast<const bf16*>(k), static_cast<const bf16*>(v),
