@@ -74,7 +74,8 @@ def test_layer_stack_matches_the_python_layers_bit_for_bit(tmp_path, shape, shar
     stacked, calls = _run(model_dir, True, shared_prefix)
     layers, no_calls = _run(model_dir, False, shared_prefix)
     assert set(no_calls.values()) == {0}
-    assert calls["decode"] + calls["cascade"] >= 20
+    if AMX:  # (with AVX512_BF16 only, the decode matmul, and so the stack, takes at most 4 rows)
+        assert calls["decode"] + calls["cascade"] >= 20
     # Fresh prompts and shared prefixes: AMX kernels where they apply (head size 64 with AMX), else declined.
     if AMX and shape:
         if shared_prefix:
@@ -82,7 +83,7 @@ def test_layer_stack_matches_the_python_layers_bit_for_bit(tmp_path, shape, shar
         else:
             assert calls["with fresh prompts"] >= 1 and calls["cascade"] == 0
     else:
-        assert calls["with fresh prompts"] == 0 and calls["declined"] >= 2
+        assert calls["with fresh prompts"] == calls["cascade"] == 0 and calls["declined"] >= 2
     assert len(layers) == 10 and stacked.keys() == layers.keys()
     for key in layers:
         assert stacked[key][0] == layers[key][0]
