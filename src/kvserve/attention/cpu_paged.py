@@ -45,6 +45,11 @@ class _Cascade:
     prefix_blocks: torch.Tensor  # [P] int64: the shared leading blocks, visible to every row in full
     prefix_first: Optional[int]  # the first of them when their ids are consecutive (then read in place)
 
+    @property
+    def in_place_over_all_rows(self) -> bool:
+        """The case the AMX prefix kernel takes: every row of the step, consecutive shared blocks."""
+        return self.all_rows and self.prefix_first is not None
+
 
 @dataclass
 class _CpuPlan:
@@ -175,7 +180,7 @@ def _shared_prefix_attention(
     The shared keys are a strided view of the cache when their blocks are consecutive, and with
     all rows in the cascade nothing is gathered or scattered: 256 decode rows over 1,024 shared
     keys per layer 1.50 -> 1.25 ms, 2,048 rows 8.7 -> 7.6 ms (the SDPA is ~1.03 / ~6.7 of them)."""
-    if c.all_rows and c.prefix_first is not None:  # the AMX kernel reads the run of blocks in place
+    if c.in_place_over_all_rows:  # the AMX kernel reads the run of blocks in place
         out, lse = torch.empty(q.shape, dtype=q.dtype), torch.empty(q.shape[:2], dtype=torch.float32)
         if cpu_ops.prefix_attention(q, kv_cache, c.prefix_first, c.prefix_blocks.numel(), out, lse, scale):
             return out, lse

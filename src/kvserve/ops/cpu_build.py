@@ -110,7 +110,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.kv_prefill_attention_bf16.restype = c_int
     lib.kv_prefix_attention_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, f32]
     lib.kv_prefix_attention_bf16.restype = c_int
-    lib.kv_llama_layers_bf16.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, f32, f32]
+    lib.kv_llama_layers_bf16.argtypes = [i64, *[ptr] * 14, f32, f32]
     lib.kv_llama_layers_bf16.restype = c_int
     void = (lib.kv_rms_norm, lib.kv_silu_and_mul, lib.kv_rotary, lib.kv_paged_attention, lib.kv_argmax_rows,
             lib.kv_sample_rows, lib.kv_write_kv, lib.kv_decode_matmul_bf16)  # fmt: skip

@@ -34,7 +34,7 @@ class CpuLayerStack:
     and the runner, which keep them alive and in place for the engine's life."""
 
     def __init__(self, layers, max_rows: int) -> None:
-        self.layers, self.max_rows = layers, max_rows
+        self.num_layers, self.max_rows = len(layers), max_rows
         first = layers[0]
         attn = first.self_attn.attn
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -44,8 +44,7 @@ class CpuLayerStack:
         self.block_size = attn.kv_cache.shape[2]
         rows = []
         for layer in layers:
-            cache = layer.self_attn.attn.kv_cache
-            keys, values = cache.data_ptr(), cache.data_ptr() + cache.stride(0) * cache.element_size()
+            keys, values = cpu_ops.kv_halves(layer.self_attn.attn.kv_cache)
             s, m = layer.self_attn, layer.mlp
             rows.append([
                 layer.input_layernorm.weight.data_ptr(), s.qkv_proj.decode_weight.data_ptr(),
@@ -96,7 +95,7 @@ class CpuLayerStack:
         if not 0 < m <= self.max_rows or plan is None or plan.context is not None:
             return None
         cascade = plan.cascade  # covered where the kernel reads it: every row, consecutive blocks
-        if cascade is not None and (not cascade.all_rows or cascade.prefix_first is None):
+        if cascade is not None and not cascade.in_place_over_all_rows:
             return None
         reqs = cascade.reqs if cascade is not None else plan.kernel_reqs
         if reqs.numel() + plan.fresh_starts.numel() != len(meta.query_lens):
@@ -109,8 +108,7 @@ class CpuLayerStack:
             return None
         if cos_sin.dtype != torch.float32 or not cos_sin.is_contiguous():
             return None
-        first = self.layers[0]
-        residual, normed = hidden.float(), first.input_layernorm(hidden)  # as LlamaDecoderLayer's first norm
+        out, residual = torch.empty_like(hidden), hidden.new_empty(hidden.shape, dtype=torch.float32)
         heads, kv, d, i = self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate
         # normed, qkv, q, attention out, gate_up, act, prefix out, prefix lse (float32, aligned): see the C++
         per_row = self.hidden_size + (heads + 2 * kv) * d + 3 * heads * d + 3 * i + 2 * heads
@@ -123,9 +121,9 @@ class CpuLayerStack:
             dtype=torch.long,
         )  # fmt: skip
         done = cpu_build.load().kv_llama_layers_bf16(
-            len(self.layers), self.pointers.data_ptr(), normed.data_ptr(), residual.data_ptr(), scratch.data_ptr(),
-            dims.data_ptr(), cos_sin.data_ptr(), meta.slot_mapping.data_ptr(), tables.data_ptr(),
+            self.num_layers, self.pointers.data_ptr(), hidden.data_ptr(), out.data_ptr(), residual.data_ptr(),
+            scratch.data_ptr(), dims.data_ptr(), cos_sin.data_ptr(), meta.slot_mapping.data_ptr(), tables.data_ptr(),
             meta.seq_lens.data_ptr(), meta.query_start_loc_host.data_ptr(), reqs.data_ptr(),
             plan.fresh_starts.data_ptr(), plan.fresh_lens.data_ptr(), self.eps, self.scale,
         )  # fmt: skip
-        return (normed, residual) if done else None  # normed: now the last layer's output
+        return (out, residual) if done else None

@@ -72,7 +72,7 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, head_dim: i
     return True
 
 
-def _kv_halves(kv_cache: torch.Tensor) -> tuple[int, int]:
+def kv_halves(kv_cache: torch.Tensor) -> tuple[int, int]:
     """Addresses of kv_cache[0] (keys) and kv_cache[1] (values) of a contiguous [2, ...] cache,
     without making the two views (a few us each, on every layer of every step)."""
     base = kv_cache.data_ptr()
@@ -92,7 +92,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
     if slot_mapping.dtype != torch.int64 or not slot_mapping.is_cpu or not slot_mapping.is_contiguous():
         return False
     cpu_build.load().kv_write_kv(
-        code, k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), *_kv_halves(kv_cache),
+        code, k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), *kv_halves(kv_cache),
         slot_mapping.data_ptr(), k.shape[0], row,
     )  # fmt: skip
     return True
@@ -208,7 +208,7 @@ def paged_attention(
             return False
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     cpu_build.load().kv_paged_attention(
-        code, q.data_ptr(), *_kv_halves(kv_cache), out.data_ptr(),
+        code, q.data_ptr(), *kv_halves(kv_cache), out.data_ptr(),
         block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), query_start_loc.data_ptr(),
         reqs.data_ptr(), reqs.numel(), q.shape[1], num_kv_heads, head_dim, block_size, scale, skip_blocks,
         init_out.data_ptr() if skip_blocks else None, init_lse.data_ptr() if skip_blocks else None,
@@ -269,7 +269,7 @@ def prefix_attention(
     _, total, block_size, num_kv_heads, head_dim = kv_cache.shape
     if q.shape[2] != head_dim or not (0 <= first_block and num_blocks > 0 and first_block + num_blocks <= total):
         return False
-    keys, values = _kv_halves(kv_cache)
+    keys, values = kv_halves(kv_cache)
     offset = first_block * block_size * num_kv_heads * head_dim * kv_cache.element_size()
     return bool(
         cpu_build.load().kv_prefix_attention_bf16(

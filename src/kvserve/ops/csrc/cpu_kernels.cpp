@@ -1278,11 +1278,11 @@ inline bool attention_amx_applies(const int64_t* lens, int64_t P, int64_t Hq, in
 // layouts), keys, values of the layer's cache. dims: M, H, Hq, Hk, D, I, block size, bt_stride,
 // n_reqs (paged kernel's requests `reqs`), P (fresh prompts at rows fresh_starts, fresh_lens long),
 // prefix blocks (0: no cascade), the first of them (consecutive ids).
-// hidden: [M, H] in: layer 0's input norm already applied (the caller did the first norm and the
-// residual copy, as the Python layer does); out: the last layer's MLP output. residual: [M, H]
-// float32, updated in place. scratch: bf16, M * (H + 3 * Hq * D + (Hq + 2 * Hk) * D + 3 * I + 2 * Hq) + 32.
-int kv_llama_layers_bf16(int64_t L, const int64_t* layer_ptrs, void* hidden_, float* residual, void* scratch,
-                         const int64_t* dims, const float* cos_sin, const int64_t* slots,
+// x: [M, H] the embeddings (read only); out: [M, H] the last layer's MLP output; residual: [M, H]
+// float32, written (layer 0 starts it as x, as the Python layer does, then each norm adds into it).
+// scratch: bf16, M * (H + 3 * Hq * D + (Hq + 2 * Hk) * D + 3 * I + 2 * Hq) + 32.
+int kv_llama_layers_bf16(int64_t L, const int64_t* layer_ptrs, const void* x_, void* out_, float* residual,
+                         void* scratch, const int64_t* dims, const float* cos_sin, const int64_t* slots,
                          const int64_t* block_tables, const int64_t* seq_lens, const int64_t* qstart,
                          const int64_t* reqs, const int64_t* fresh_starts, const int64_t* fresh_lens, float eps,
                          float scale) {
@@ -1292,7 +1292,8 @@ int kv_llama_layers_bf16(int64_t L, const int64_t* layer_ptrs, void* hidden_, fl
   if (P > 0 && !attention_amx_applies(fresh_lens, P, Hq, Hk, D, W, W)) return 0;
   if (prefix_blocks > 0 && !attention_amx_applies(&prefix_keys, 1, Hq, Hk, D, std::max(W, Hk * D), Hk * D))
     return 0;
-  bf16* hidden = static_cast<bf16*>(hidden_);
+  const bf16* x = static_cast<const bf16*>(x_);
+  bf16* hidden = static_cast<bf16*>(out_);     // each layer's output, the next one's input
   bf16* normed = static_cast<bf16*>(scratch);  // [M, H]
   bf16* qkv = normed + M * H;                  // [M, W]
   bf16* q = qkv + M * W;                       // [M, Hq * D]: q rows, contiguous for the paged kernel
@@ -1306,8 +1307,13 @@ int kv_llama_layers_bf16(int64_t L, const int64_t* layer_ptrs, void* hidden_, fl
     const int64_t* w = layer_ptrs + 8 * l;
     const bf16 *ln1 = reinterpret_cast<const bf16*>(w[0]), *ln2 = reinterpret_cast<const bf16*>(w[3]);
     bf16 *k_cache = reinterpret_cast<bf16*>(w[6]), *v_cache = reinterpret_cast<bf16*>(w[7]);
-    if (l > 0) rms_norm(hidden, residual, normed, ln1, M, H, eps);
-    kv_decode_matmul_bf16(l > 0 ? normed : hidden, M, H, reinterpret_cast<const void*>(w[1]), W, qkv, 1, 0);
+    if (l == 0) {  // residual <- x, normed <- norm(x)
+      for (int64_t i = 0; i < M * H; ++i) residual[i] = bf2f(x[i]);
+      rms_norm(x, static_cast<float*>(nullptr), normed, ln1, M, H, eps);
+    } else {
+      rms_norm(hidden, residual, normed, ln1, M, H, eps);
+    }
+    kv_decode_matmul_bf16(normed, M, H, reinterpret_cast<const void*>(w[1]), W, qkv, 1, 0);
     rotary(qkv, qkv + Hq * D, cos_sin, M, Hq, Hk, D, W, W);
     write_kv(qkv + Hq * D, qkv + (Hq + Hk) * D, W, W, k_cache, v_cache, slots, M, Hk * D);
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
