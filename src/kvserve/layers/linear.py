@@ -45,13 +45,14 @@ class LinearMethod(ABC):
 class UnquantizedLinearMethod(LinearMethod):
     """Dense weights in the model dtype: weight [out_per_partition, in], bias [out_per_partition].
 
-    On a CPU in bfloat16, the weight is repacked after loading into oneDNN's blocked layout (an
-    opaque mkldnn tensor), which the matmul otherwise re-derives on every call: measured 1.2-2x
-    faster for the decode-sized matmuls of the default model, same speed for 2,048-row prefill;
-    results equal F.linear's, bit for bit on small batches and to one bf16 ulp on larger ones
-    (oneDNN blocks the float32 accumulation differently; tests/unit/test_linear_packing.py).
-    With keep_decode_copy, a second copy in cpu_ops.decode_weight's layout (twice the memory) serves
-    decode-sized batches: a kernel that streams it measured 1.1-1.45x faster for 1-512 rows."""
+    On a CPU in bfloat16, with keep_decode_copy (memory allows a second copy), a copy in
+    cpu_ops.decode_weight's layout serves decode-sized batches: a kernel that streams it, built for
+    every CPU level, measured 1.1-1.45x faster than oneDNN for 1-512 rows with AMX. Larger batches:
+    where oneDNN has bf16 kernels (AVX-512 and up) the weight is repacked after loading into its
+    blocked layout (an opaque mkldnn tensor), which the matmul otherwise re-derives on every call:
+    measured 1.2-2x faster for the decode-sized matmuls of the default model, same speed for
+    2,048-row prefill; results equal F.linear's, bit for bit on small batches and to one bf16 ulp
+    on larger ones (oneDNN blocks the float32 accumulation differently; tests/unit/test_linear_packing.py)."""
 
     def create_weights(self, layer, in_features, out_features_per_partition, bias, dtype):
         weight = torch.empty(out_features_per_partition, in_features, dtype=dtype)
@@ -60,47 +61,75 @@ class UnquantizedLinearMethod(LinearMethod):
         layer.register_parameter("bias", nn.Parameter(b, requires_grad=False) if bias else None)
 
     def process_weights_after_loading(self, layer, keep_decode_copy=False):
-        packed = pack_for_onednn(layer.weight)
-        if packed is None:
-            return
         if keep_decode_copy and layer.bias is None:
             layer.decode_weight = cpu_ops.decode_weight(layer.weight)  # None where the kernel does not apply
-        layer.weight = nn.Parameter(packed, requires_grad=False)
+        packed = pack_for_onednn(layer.weight)
+        if packed is not None:
+            layer.weight = nn.Parameter(packed, requires_grad=False)
 
     def apply(self, layer, x, bias):
+        decode = getattr(layer, "decode_weight", None)
+        if decode is not None and bias is None:
+            out = cpu_ops.decode_matmul(x, decode)  # None past the rows it wins at
+            if out is not None:
+                return out
         if layer.weight.is_mkldnn:
-            return onednn_linear(x, layer.weight, bias, getattr(layer, "decode_weight", None))
+            return onednn_linear(x, layer.weight, bias)
+        if layer.weight.dtype == torch.bfloat16 and x.is_cpu and cpu_ops.float32_gemm_preferred():
+            return float32_gemm(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)
+
+
+_scratch: dict[str, torch.Tensor] = {}  # grow-only float32 buffers of float32_gemm (one engine thread)
+
+
+def _scratch_view(name: str, shape: tuple[int, int]) -> torch.Tensor:
+    numel = shape[0] * shape[1]
+    buf = _scratch.get(name)
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):  # a normal tensor: written in and out of inference mode
+            buf = _scratch[name] = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel].view(shape)
+
+
+def float32_gemm(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T (+ bias) on a CPU without a bf16 dot product: x and the weight
+    converted to float32 into reused buffers, MKL's float32 GEMM, the result rounded once to
+    out_dtype (default x's). Bit for bit F.linear(x.float(), weight.float()).to(out_dtype); no
+    float32 copy of the weight is kept (converting it costs 0.5% of a 2,048-row GEMM, 4% at 256)."""
+    k, n = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, k)
+    xf = _scratch_view("x", (x2.shape[0], k)).copy_(x2)
+    wf = _scratch_view("w", (n, k)).copy_(weight)
+    yf = _scratch_view("y", (x2.shape[0], n))
+    if bias is None:
+        torch.mm(xf, wf.t(), out=yf)
+    else:
+        torch.addmm(bias.float(), xf, wf.t(), out=yf)
+    return yf.to(out_dtype or x.dtype).view(*x.shape[:-1], n)
 
 
 def pack_for_onednn(weight: torch.Tensor) -> Optional[torch.Tensor]:
     """weight [out, in]: its oneDNN-packed copy (an opaque mkldnn tensor) where that applies (CPU,
-    bfloat16, oneDNN with bf16), else None."""
+    bfloat16, oneDNN with bf16 kernels: cpu_ops.onednn_bf16_preferred), else None."""
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not _onednn_bf16_available():
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
 
 
-def onednn_linear(
-    x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor], decode: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """x: [..., in] @ packed weight (from pack_for_onednn) -> [..., out]. decode: the same weight in
-    cpu_ops.decode_weight's layout, if kept: decode-sized batches then go through
-    cpu_ops.decode_matmul instead (it declines the sizes where oneDNN is faster)."""
-    if decode is not None and bias is None:
-        out = cpu_ops.decode_matmul(x, decode)
-        if out is not None:
-            return out
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x: [..., in] @ packed weight (from pack_for_onednn) -> [..., out]."""
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _onednn_bf16_available() -> bool:
     return (
-        torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        and cpu_ops.onednn_bf16_preferred()
     )
 
 

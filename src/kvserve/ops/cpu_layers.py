@@ -1,6 +1,7 @@
 """A stack of Llama decoder layers in one C++ call, for steps the CPU kernels cover end to end.
 
-In a bf16 step of at most 512 rows the Python layers (model/llama.py) hand every op to a C++
+In a bf16 step of at most the decode matmul's rows (512 with AMX, 48 on AVX2, 64 on AVX-512, 4 with
+AVX512_BF16; csrc/vec*.hpp) the Python layers (model/llama.py) hand every op to a C++
 kernel, and between the kernels run Python: module calls, views, checks, ctypes, a fresh tensor
 per op. `CpuLayerStack` runs the same kernels in the same order on the same values from C++
 (kv_llama_layers_bf16), with one scratch buffer, so the hidden states and the KV cache it writes
@@ -10,7 +11,7 @@ Default model, decode step, interleaved: batch 1 22.1 -> 12.4 ms, 16 35.9 -> 25.
 real kernels it costs several times that.)
 
 It applies to a model whose layers are all Llama layers with bf16 weights in decode_matmul's layout
-(CPU with AMX: cpu_ops.decode_weight), no biases, no q/k norms; and to a step whose rows are at most
+(cpu_ops.decode_weight, at every CPU level), no biases, no q/k norms; and to a step whose rows are at most
 decode_matmul's row limit and whose attention the CPU backend sends through its kernels only: fresh
 prompts through the AMX prefill kernel, every other request through the paged kernel, after a
 shared prefix through the AMX kernel when a cascade covers every row of the step (no long chunk

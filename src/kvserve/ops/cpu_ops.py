@@ -131,7 +131,7 @@ def sample_rows(x: torch.Tensor, inv_temperature: torch.Tensor, uniforms: torch.
 def decode_weight(weight: torch.Tensor) -> Optional[torch.Tensor]:
     """weight [N, K] (nn.Linear layout) rearranged for decode_matmul: [N / 16, K / 2, 16, 2], block b,
     pair p, column j holding weight[16b + j, 2p : 2p + 2]. None where the kernel does not apply
-    (not bf16 on CPU, no AVX512_BF16, K % 32 or N % 16 not 0)."""
+    (not bf16 on CPU, no kernels loaded, K % 32 or N % 16 not 0)."""
     if _code(weight) != 1 or weight.dim() != 2:
         return None
     n, k = weight.shape
@@ -146,18 +146,21 @@ def decode_matmul(
     allow_amx: bool = True,
     out_dtype: torch.dtype = torch.bfloat16,
     out: Optional[torch.Tensor] = None,
+    any_rows: bool = False,
 ) -> Optional[torch.Tensor]:
     """x: [M, K] @ W^T -> [M, N], weight being W in decode_weight's layout. For decode-sized batches,
     where streaming the weight bounds the matmul; None when M is past the rows this CPU's kernel
-    wins at (decode_matmul_max_rows) or x does not fit (then the caller's matmul runs).
+    wins at (decode_matmul_max_rows; any_rows: any M, for the float32 logits of the LM head) or x
+    does not fit (then the caller's matmul runs).
     out_dtype: bfloat16, or float32 for the float32 sums unrounded. out: a contiguous [M, N] tensor
     of out_dtype to write into (and return) instead of a new one; other shapes are not used.
-    allow_amx=False: the AVX512_BF16 kernel even where AMX is usable (for tests)."""
+    allow_amx=False: the vector kernel even where AMX is usable (for tests)."""
     if x.dim() != 2 or weight.dim() != 4 or _code(x, weight) != 1 or not x.is_contiguous():
         return None
     m, k = x.shape
     n = weight.shape[0] * 16
-    if k != weight.shape[1] * 2 or not 0 < m <= decode_matmul_max_rows(k, n, allow_amx):
+    limit = decode_matmul_max_rows(k, n, allow_amx)
+    if k != weight.shape[1] * 2 or limit == 0 or not (0 < m <= limit or (any_rows and m > 0)):
         return None
     if out_dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"decode_matmul writes bfloat16 or float32, not {out_dtype}")
@@ -171,10 +174,38 @@ def decode_matmul(
 
 @functools.lru_cache(maxsize=None)  # asked on every linear call; fixed for the process
 def decode_matmul_max_rows(k: int, n: int, allow_amx: bool = True) -> int:
-    """Rows up to which decode_matmul runs for a [n, k] weight: 512 with AMX, 4 with AVX512_BF16
-    only (the kernels' measured crossovers with oneDNN), 0 where it does not apply."""
+    """Rows up to which decode_matmul runs for a [n, k] weight: the kernel's measured crossover with
+    the library matmul at this CPU level (512 with AMX); 0 where it does not apply."""
     lib = cpu_build.load()
     return lib.kv_decode_matmul_max_rows(k, n, int(allow_amx)) if lib is not None else 0
+
+
+@functools.lru_cache(maxsize=None)
+def amx_in_use() -> bool:
+    """The kernels run AMX tiles: the amx level, and the OS granted them to this process."""
+    lib = cpu_build.load()
+    return lib is not None and bool(lib.kv_amx_granted())
+
+
+# Levels without a bf16 dot product: there a bf16 matmul past the decode kernel's rows is fastest as
+# bf16 -> float32 conversion and MKL's float32 GEMM (layers/linear.py: float32_gemm). Measured on
+# the default model's linears, 2,048-row step, 30 layers: AVX2 (emulated) 23.2 s with torch's bf16
+# matmul -> 3.3 s; AVX-512 without BF16 8.4 s with oneDNN's packed bf16 -> 1.96 s.
+_FLOAT32_GEMM_LEVELS = ("avx2", "avx512", "neon")
+
+
+def float32_gemm_preferred() -> bool:
+    """Whether bf16 matmuls past the decode kernel's rows go through float32 GEMM (see above)."""
+    return cpu_build.level() in _FLOAT32_GEMM_LEVELS
+
+
+def onednn_bf16_preferred() -> bool:
+    """Whether bf16 matmuls past the decode kernel's rows go to oneDNN's packed bf16 kernels: on
+    the levels with a bf16 dot product (AVX512_BF16, AMX), or without CPU kernels where oneDNN has
+    bf16 kernels (torch says so)."""
+    if cpu_build.level() in _FLOAT32_GEMM_LEVELS:
+        return False
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def paged_attention(
