@@ -36,8 +36,8 @@ serve: install
 # (marker isa) again at each lower level it runs (KVSERVE_CPU_ISA; each level builds once, cached).
 test: install-test
 	$(PY) -m pytest -q
-	@best=$$($(PY) -m kvserve.ops.cpu_build --levels | awk '{print $$NF}'); \
-	for level in $$($(PY) -m kvserve.ops.cpu_build --levels); do \
+	@levels="$$($(PY) -m kvserve.ops.cpu_build --levels)"; best="$${levels##* }"; \
+	for level in $$levels; do \
 	  [ "$$level" = "$$best" ] && continue; \
 	  echo "== CPU kernel level $$level: KVSERVE_CPU_ISA=$$level pytest -m isa =="; \
 	  KVSERVE_CPU_ISA=$$level $(PY) -m pytest -q -m isa || exit 1; \

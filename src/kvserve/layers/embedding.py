@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kvserve.layers.linear import float32_gemm, onednn_linear, pack_for_onednn
+from kvserve.layers.linear import float32_gemm, float32_gemm_applies, onednn_linear, pack_for_onednn
 from kvserve.ops import cpu_ops
 
 
@@ -100,15 +100,16 @@ class ParallelLMHead(VocabParallelEmbedding):
         of the 8 exactness prompts off float32's greedy tokens (8 of 8 agree with float32 logits).
         out: a float32 [N, V] buffer the kernel may write into (the logits are then a view of it)."""
         packed, decode = getattr(self, "_packed", None), getattr(self, "_decode", None)
+        weight = self._tied[0].weight if self._tied else self.weight
         logits = None
         if decode is not None:
             logits = cpu_ops.decode_matmul(hidden, decode, out_dtype=torch.float32, out=out, any_rows=True)
         if logits is None and packed is not None:
             logits = onednn_linear(hidden, packed, None)  # [N, V_pp]
-        if logits is None and hidden.dtype == torch.bfloat16 and hidden.is_cpu and cpu_ops.float32_gemm_preferred():
-            logits = float32_gemm(hidden, self._tied[0].weight if self._tied else self.weight, None, torch.float32)
+        if logits is None and float32_gemm_applies(hidden, weight):
+            logits = float32_gemm(hidden, weight, None, torch.float32)
         if logits is None:
-            logits = F.linear(hidden, self._tied[0].weight if self._tied else self.weight)  # [N, V_pp]
+            logits = F.linear(hidden, weight)  # [N, V_pp]
         if self.tp_size > 1:
             shards = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(shards, logits)

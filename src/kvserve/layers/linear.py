@@ -75,7 +75,7 @@ class UnquantizedLinearMethod(LinearMethod):
                 return out
         if layer.weight.is_mkldnn:
             return onednn_linear(x, layer.weight, bias)
-        if layer.weight.dtype == torch.bfloat16 and x.is_cpu and cpu_ops.float32_gemm_preferred():
+        if float32_gemm_applies(x, layer.weight):
             return float32_gemm(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)
 
@@ -90,6 +90,11 @@ def _scratch_view(name: str, shape: tuple[int, int]) -> torch.Tensor:
         with torch.inference_mode(False):  # a normal tensor: written in and out of inference mode
             buf = _scratch[name] = torch.empty(numel, dtype=torch.float32)
     return buf[:numel].view(shape)
+
+
+def float32_gemm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """bf16 on a CPU level without a bf16 dot product (cpu_ops.float32_gemm_preferred)."""
+    return weight.dtype == torch.bfloat16 and x.is_cpu and cpu_ops.float32_gemm_preferred()
 
 
 def float32_gemm(

@@ -84,9 +84,10 @@ def cpu_levels(flags: Optional[set[str]] = None, machine: Optional[str] = None) 
     """The levels this CPU runs (or one with these flags, on this machine type), lowest first;
     empty where none applies (the reference ops run)."""
     flags = _cpu_flags() if flags is None else flags
-    if (machine or platform.machine()) in ("aarch64", "arm64"):
+    machine = machine or platform.machine()
+    if machine in ("aarch64", "arm64"):
         return ["neon"]  # NEON is part of every aarch64 CPU
-    if (machine or platform.machine()) not in ("x86_64", "AMD64"):
+    if machine not in ("x86_64", "AMD64"):
         return []
     levels = []
     for level in X86_LEVELS:

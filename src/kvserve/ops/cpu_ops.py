@@ -194,11 +194,13 @@ def amx_in_use() -> bool:
 _FLOAT32_GEMM_LEVELS = ("avx2", "avx512", "neon")
 
 
+@functools.lru_cache(maxsize=None)  # asked on every linear call; fixed for the process
 def float32_gemm_preferred() -> bool:
     """Whether bf16 matmuls past the decode kernel's rows go through float32 GEMM (see above)."""
     return cpu_build.level() in _FLOAT32_GEMM_LEVELS
 
 
+@functools.lru_cache(maxsize=None)
 def onednn_bf16_preferred() -> bool:
     """Whether bf16 matmuls past the decode kernel's rows go to oneDNN's packed bf16 kernels: on
     the levels with a bf16 dot product (AVX512_BF16, AMX), or without CPU kernels where oneDNN has

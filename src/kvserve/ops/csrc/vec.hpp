@@ -133,11 +133,4 @@ inline F32x16 exp(F32x16 x0) {
 // e^-87.34 (~1.2e-38), not 0: callers mask those lanes.
 inline F32x16 exp_nonpos(F32x16 x0) { return exp_in_range(max(x0, set1(-87.33654f))); }
 
-// The scalar value of exp(): lane 0 of the vector form, so scalar and vector agree.
-inline float exp1(float x) {
-  alignas(64) float t[16];
-  store(t, exp(set1(x)));
-  return t[0];
-}
-
 }  // namespace kv::vec
