@@ -62,6 +62,59 @@ def build_tiny_llama(folder: Path, hidden: int = 64, heads: int = 4, kv_heads: i
     return str(folder)
 
 
+def build_tiny_gguf(path: Path, hidden: int = 64, heads: int = 4, kv_heads: int = 2) -> str:
+    """Write a tiny Llama GGUF with seeded random weights kept in block types: embedding Q8_0, q/k/v
+    and gate/up Q4_0, o Q4_1, down Q8_0 (norms F32). It carries no tokenizer beyond a vocabulary
+    size: load it with the default model's tokenizer (EngineArgs(tokenizer=default_model_path()))."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T, GGUFWriter
+    from gguf.quants import quantize
+
+    from kvserve.engine.tokenizer import load_tokenizer
+    from kvserve.model.config_loader import default_model_path
+
+    vocab, inter, layers, head_dim = len(load_tokenizer(default_model_path())), 128, 2, hidden // heads
+    gen = np.random.default_rng(0)
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(512)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(inter)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_token_list([f"t{i}" for i in range(vocab)])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+
+    def add(name: str, shape: tuple[int, ...], qtype=None, std: float = 0.3) -> None:
+        w = (gen.standard_normal(shape) * std).astype(np.float32)
+        if qtype is None:
+            writer.add_tensor(name, w)
+        else:
+            writer.add_tensor(name, quantize(w, qtype), raw_shape=None, raw_dtype=qtype)
+
+    add("token_embd.weight", (vocab, hidden), T.Q8_0, std=1.0)
+    add("output_norm.weight", (hidden,), std=0.1)
+    for i in range(layers):
+        p = f"blk.{i}."
+        add(p + "attn_norm.weight", (hidden,), std=0.1)
+        add(p + "ffn_norm.weight", (hidden,), std=0.1)
+        add(p + "attn_q.weight", (heads * head_dim, hidden), T.Q4_0)
+        add(p + "attn_k.weight", (kv_heads * head_dim, hidden), T.Q4_0)
+        add(p + "attn_v.weight", (kv_heads * head_dim, hidden), T.Q4_0)
+        add(p + "attn_output.weight", (hidden, heads * head_dim), T.Q4_1)
+        add(p + "ffn_gate.weight", (inter, hidden), T.Q4_0)
+        add(p + "ffn_up.weight", (inter, hidden), T.Q4_0)
+        add(p + "ffn_down.weight", (hidden, inter), T.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_llm(tiny_llama_dir):
     """One engine over the tiny model, shared by tests that do not depend on engine settings."""

@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from kvserve.config import SUPPORTED_DTYPES
+from kvserve.config import QUANTIZATIONS, SUPPORTED_DTYPES
 from kvserve.server_config import ConfigError, add_serve_args, build_server_config
 
 _STARTED_AT = time.monotonic()  # for `kvserve serve`'s "ready N s after start" line
@@ -17,6 +17,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", dest="model_flag", default=None, help="same as the positional MODEL")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or .gguf (default: the model's)")
     p.add_argument("--dtype", default="auto", choices=SUPPORTED_DTYPES)
+    p.add_argument("--quantization", "-q", default=None, choices=[q for q in QUANTIZATIONS if q],
+                   help="how weights are kept (default: the checkpoint's own; a GGUF keeps its blocks)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -32,7 +34,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
-        model=args.model_flag or args.model, tokenizer=args.tokenizer, dtype=args.dtype,
+        model=args.model_flag or args.model, tokenizer=args.tokenizer, dtype=args.dtype, quantization=args.quantization,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_batched_tokens_while_decoding=args.max_num_batched_tokens_while_decoding,

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# --quantization: None = the checkpoint's own (a GGUF keeps its blocks), "gguf" = insist on that,
+# "none" = dequantize every weight at load.
+QUANTIZATIONS = (None, "gguf", "none")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,9 @@ class ModelConfig:
     checkpoint_dtype: str = "float32"
     # Dtype we compute in, resolved from the user's choice ("auto" never reaches here).
     dtype: str = "float32"
+    # How weights are kept, resolved at the edge: None = dense in `dtype`; "gguf" = a GGUF's tensors in
+    # the block types the CPU kernels take stay in their blocks (model/gguf_loader.py).
+    quantization: Optional[str] = None
 
     def with_dtype(self, dtype: str) -> "ModelConfig":
         return dataclasses.replace(self, dtype=dtype)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from kvserve.config import SUPPORTED_DTYPES
+from kvserve.config import QUANTIZATIONS, SUPPORTED_DTYPES
 
 ENV_PREFIX = "KVSERVE_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -37,6 +37,10 @@ class ServerConfig:
     api_key: Optional[str] = _opt(None, "require `Authorization: Bearer <key>` on every route but /health and /metrics")
     served_model_name: tuple[str, ...] = _opt((), "model name(s) clients use; the first is reported (default: MODEL)")
     dtype: str = _opt("auto", "compute dtype", choices=SUPPORTED_DTYPES)
+    quantization: Optional[str] = _opt(
+        None, "how weights are kept: gguf (a GGUF's blocks, the default for one) or none (dequantized at load)",
+        choices=[q for q in QUANTIZATIONS if q],
+    )
     max_model_len: Optional[int] = _opt(None, "context length, prompt + output (default: the model's)")
     max_num_seqs: int = _opt(256, "most sequences in one engine step")
     max_num_batched_tokens: Optional[int] = _opt(
@@ -96,7 +100,7 @@ class ServerConfig:
         from kvserve.engine.arg_utils import EngineArgs
 
         return EngineArgs(
-            model=self.model, tokenizer=self.tokenizer, dtype=self.dtype, max_model_len=self.max_model_len,
+            model=self.model, tokenizer=self.tokenizer, dtype=self.dtype, quantization=self.quantization, max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_num_batched_tokens_while_decoding=self.max_num_batched_tokens_while_decoding,
             block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,

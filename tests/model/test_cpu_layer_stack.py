@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_tiny_llama
+from conftest import build_tiny_gguf, build_tiny_llama
 from kvserve.engine.arg_utils import EngineArgs
 from kvserve.engine.llm_engine import LLMEngine
 from kvserve.forward_context import get_attention_metadata
+from kvserve.model.config_loader import default_model_path
 from kvserve.ops import cpu_ops
 from kvserve.sampling_params import SamplingParams
 
@@ -23,13 +24,14 @@ pytestmark = [
 AMX = cpu_ops.amx_in_use()  # then fresh prompts go through the AMX prefill kernel
 
 
-def _run(model_dir: str, use_stack: bool, shared_prefix: int = 0):
+def _run(model_dir: str, use_stack: bool, shared_prefix: int = 0, dtype: str = "bfloat16"):
     """Greedy and seeded requests with logprobs, half of them arriving while the first half decodes;
     with shared_prefix, every prompt starts with the same that many tokens (prefix caching on).
-    -> ({request id: (token ids, logprobs)}, the stack's step counts)."""
+    -> ({request id: (token ids, logprobs)}, the stack's step counts, the stack's max rows)."""
     engine = LLMEngine.from_engine_args(
-        EngineArgs(model=model_dir, dtype="bfloat16", kv_cache_memory_bytes=64 << 20, max_num_seqs=32,
-                   max_num_batched_tokens=512, enable_prefix_caching=bool(shared_prefix))  # fmt: skip
+        EngineArgs(model=model_dir, tokenizer=default_model_path() if model_dir.endswith(".gguf") else None,
+                   dtype=dtype, kv_cache_memory_bytes=64 << 20, max_num_seqs=32, max_num_batched_tokens=512,
+                   enable_prefix_caching=bool(shared_prefix))  # fmt: skip
     )
     body = engine.runner.model.model
     stack = body.layer_stack
@@ -63,7 +65,7 @@ def _run(model_dir: str, use_stack: bool, shared_prefix: int = 0):
             if out.finished:
                 outputs[out.request_id] = (out.outputs[0].token_ids, out.outputs[0].logprobs)
         steps += 1
-    return outputs, calls
+    return outputs, calls, stack.max_rows
 
 
 HEAD64 = dict(hidden=128, heads=2, kv_heads=1)
@@ -74,8 +76,8 @@ HEAD64 = dict(hidden=128, heads=2, kv_heads=1)
 )
 def test_layer_stack_matches_the_python_layers_bit_for_bit(tmp_path, shape, shared_prefix):
     model_dir = build_tiny_llama(tmp_path, **shape)
-    stacked, calls = _run(model_dir, True, shared_prefix)
-    layers, no_calls = _run(model_dir, False, shared_prefix)
+    stacked, calls, _ = _run(model_dir, True, shared_prefix)
+    layers, no_calls, _ = _run(model_dir, False, shared_prefix)
     assert set(no_calls.values()) == {0}
     # The decode matmul, and so the stack, takes up to 512 rows with AMX (48 on AVX2, 64 on AVX-512,
     # 4 with AVX512_BF16's dot product): the tiny models' decode steps carry up to 10 rows. Without
@@ -94,3 +96,19 @@ def test_layer_stack_matches_the_python_layers_bit_for_bit(tmp_path, shape, shar
     for key in layers:
         assert stacked[key][0] == layers[key][0]
         assert stacked[key][1] == layers[key][1]  # logprob floats equal exactly: the same kernels, same order
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layer_stack_over_gguf_blocks_matches_the_python_layers_bit_for_bit(tmp_path, dtype):
+    """Linears kept as GGUF blocks (Q4_0, Q4_1, Q8_0: the block kernel), in float32 (no AMX attention:
+    steps with fresh prompts decline) and bf16."""
+    path = build_tiny_gguf(tmp_path / "tiny.gguf")
+    stacked, calls, max_rows = _run(path, True, 0, dtype)
+    assert calls["decode"] >= (20 if max_rows >= 10 else 1)
+    if dtype == "float32" or not AMX:
+        assert calls["with fresh prompts"] == 0 and calls["declined"] >= 2
+    layers, no_calls, _ = _run(path, False, 0, dtype)
+    assert set(no_calls.values()) == {0}
+    assert len(layers) == 10 and stacked.keys() == layers.keys()
+    for key in layers:
+        assert stacked[key] == layers[key]  # tokens and logprob floats exactly

@@ -129,11 +129,12 @@ def test_prompt_logprobs_equal_hf(llm, hf_model, prompts):
 
 
 def test_bfloat16_greedy_agrees_with_float32_for_16_tokens(llm, prompts, reference):
-    """The fast path in bf16 (packed and decode-kernel matmuls, AMX attention, cascade) keeps float32's
-    greedy choices for the first 16 tokens of every prompt: the residual stream and the logits stay
-    in float32 (layers/norm.py, layers/embedding.py), so bf16 rounding elsewhere moves no near tie
-    here. Hugging Face's own bf16 run, which rounds both, agrees on 5 of these 8."""
-    bf16 = LLM(dtype="bfloat16", max_model_len=1024, kv_cache_memory_bytes=256 << 20)
+    """The fast path in bf16 with bf16 weights (the GGUF dequantized at load; packed and decode-kernel
+    matmuls, AMX attention, cascade) keeps float32's greedy choices for the first 16 tokens of every
+    prompt: the residual stream, what is added into it and the logits stay in float32 (layers/norm.py,
+    model/llama.py, layers/embedding.py), so bf16 rounding elsewhere moves no near tie here. Hugging
+    Face's own bf16 run, which rounds all of them, agrees on 5 of these 8."""
+    bf16 = LLM(dtype="bfloat16", quantization="none", max_model_len=1024, kv_cache_memory_bytes=256 << 20)
     first16 = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     outputs = bf16.generate([{"prompt_token_ids": p} for p in prompts], first16, use_tqdm=False)
     for i, (out, (ref_tokens, _)) in enumerate(zip(outputs, reference)):

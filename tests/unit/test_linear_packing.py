@@ -74,7 +74,7 @@ def test_decode_sized_batches_use_the_decode_copy(rows, monkeypatch):
     assert (layer.decode_weight is None) == (max_rows == 0)
     results = []
     decode_matmul = cpu_ops.decode_matmul
-    monkeypatch.setattr(cpu_ops, "decode_matmul", lambda *a: results.append(decode_matmul(*a)) or results[-1])
+    monkeypatch.setattr(cpu_ops, "decode_matmul", lambda *a, **kw: results.append(decode_matmul(*a, **kw)) or results[-1])
     out = layer(x)
     assert sum(r is not None for r in results) == (1 if rows <= max_rows else 0)
     # float32 accumulation in another order, then one rounding to bf16: within one bf16 ulp

@@ -15,6 +15,7 @@ class EngineArgs:
     model: Optional[str] = None  # HF folder or .gguf file; None: the default model
     tokenizer: Optional[str] = None  # defaults to model
     dtype: str = "auto"
+    quantization: Optional[str] = None  # None | "gguf" | "none" (config.QUANTIZATIONS)
     max_model_len: Optional[int] = None
     max_num_seqs: int = 256
     max_num_batched_tokens: Optional[int] = None
@@ -47,7 +48,7 @@ class EngineArgs:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model_path = self.model or default_model_path()
-        model_config = load_model_config(model_path, dtype=self.dtype, device=device)
+        model_config = load_model_config(model_path, dtype=self.dtype, device=device, quantization=self.quantization)
 
         max_model_len = self.max_model_len or model_config.max_position_embeddings
         if max_model_len > model_config.max_position_embeddings:

@@ -49,8 +49,6 @@ class LLM:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}")
         if tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet; use 1.")
-        if quantization is not None:
-            raise ValueError(f"quantization={quantization!r} is not supported yet; weights are dequantized at load.")
         ignored = sorted(set(kwargs) & _IGNORED_VLLM_ARGS)
         if ignored:
             logger.info("Ignoring vLLM arguments that do not apply here: %s", ", ".join(ignored))
@@ -59,7 +57,7 @@ class LLM:
             model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
             enable_prefix_caching=enable_prefix_caching, seed=seed, device=device,
-            kv_cache_memory_bytes=kv_cache_memory_bytes, **extra,
+            kv_cache_memory_bytes=kv_cache_memory_bytes, quantization=quantization, **extra,
         )  # fmt: skip
         self.llm_engine = LLMEngine.from_engine_args(args)
         self._counter = 0

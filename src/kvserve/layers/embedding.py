@@ -12,11 +12,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kvserve.layers.gguf_linear import embedding_lookup, gguf_matmul
 from kvserve.layers.linear import float32_gemm, float32_gemm_applies, onednn_linear, pack_for_onednn
 from kvserve.ops import cpu_ops
 
 
 class VocabParallelEmbedding(nn.Module):
+    """weight [V_pp, D] in the model dtype, or, with quant_type set (gguf_linear.keep_embedding_quantized),
+    GGUF blocks uint8 [V_pp, row_bytes] of which a lookup dequantizes only its rows."""
+
+    quant_type: Optional[int] = None
+
     def __init__(
         self,
         num_embeddings: int,
@@ -50,12 +56,17 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: [T] long -> [T, D]."""
         if self.tp_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._lookup(input_ids)
         # Each rank embeds the ids in its vocab range, zeros elsewhere; the sum over ranks is the lookup.
         mine = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
-        out = F.embedding((input_ids - self.vocab_start) * mine, self.weight) * mine[:, None]
+        out = self._lookup((input_ids - self.vocab_start) * mine) * mine[:, None]
         dist.all_reduce(out)
         return out
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.quant_type is None:
+            return F.embedding(ids, self.weight)
+        return embedding_lookup(self.weight, self.quant_type, self.embedding_dim, ids, self.out_dtype)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -90,8 +101,15 @@ class ParallelLMHead(VocabParallelEmbedding):
         on every CPU level; else, where oneDNN has bf16 kernels, oneDNN-packed (measured 1.3-1.5x
         faster logits than F.linear for 1-256 rows on the default model; bf16 logits)."""
         weight = self._tied[0].weight if self._tied else self.weight
+        if self._source().quant_type is not None:  # GGUF blocks: gguf_matmul, no second copy
+            self._decode = self._packed = None
+            return
         self._decode = cpu_ops.decode_weight(weight) if keep_decode_copy else None
         self._packed = pack_for_onednn(weight) if self._decode is None else None
+
+    def _source(self) -> VocabParallelEmbedding:
+        """The module whose weight the head multiplies: the tied embedding, or itself."""
+        return self._tied[0] if self._tied else self
 
     def forward(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """hidden: [N, D] -> logits [N, V] (a view when the vocab is padded): float32 where the decode
@@ -100,9 +118,12 @@ class ParallelLMHead(VocabParallelEmbedding):
         of the 8 exactness prompts off float32's greedy tokens (8 of 8 agree with float32 logits).
         out: a float32 [N, V] buffer the kernel may write into (the logits are then a view of it)."""
         packed, decode = getattr(self, "_packed", None), getattr(self, "_decode", None)
-        weight = self._tied[0].weight if self._tied else self.weight
+        source = self._source()
+        weight = source.weight
         logits = None
-        if decode is not None:
+        if source.quant_type is not None:  # float32 logits from the blocks at any batch size
+            logits = gguf_matmul(hidden, weight, source.quant_type, source.embedding_dim, None, torch.float32, True)
+        elif decode is not None:
             logits = cpu_ops.decode_matmul(hidden, decode, out_dtype=torch.float32, out=out, any_rows=True)
         if logits is None and packed is not None:
             logits = onednn_linear(hidden, packed, None)  # [N, V_pp]

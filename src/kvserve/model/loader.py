@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 from typing import Iterable, Iterator
 
@@ -24,8 +25,10 @@ from kvserve.config import ModelConfig
 from kvserve.layers.embedding import ParallelLMHead
 from kvserve.layers.linear import LinearMethod
 from kvserve.layers.rotary import RotaryEmbedding
-from kvserve.model.gguf_loader import iter_gguf_weights
+from kvserve.model.gguf_loader import gguf_tensor_types, iter_gguf_weights, keep_gguf_blocks, log_gguf_types
 from kvserve.model.registry import get_model_class
+
+logger = logging.getLogger(__name__)
 
 
 def load_model(config: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
@@ -33,7 +36,12 @@ def load_model(config: ModelConfig, device: str | torch.device = "cpu") -> nn.Mo
     with torch.device(device):
         model = get_model_class(config.architecture)(config)
     if config.path.endswith(".gguf"):
-        num_tensors, weights = iter_gguf_weights(config.path, config)
+        blocks: set[str] = set()
+        if config.quantization == "gguf":
+            types = gguf_tensor_types(config.path)
+            blocks = keep_gguf_blocks(model, types)
+            log_gguf_types(types, blocks)
+        num_tensors, weights = iter_gguf_weights(config.path, config, blocks)
     else:
         num_tensors, weights = _iter_safetensors(config.path)
     progress = tqdm(weights, total=num_tensors, desc="Loading weights", unit="tensor", leave=False)
@@ -47,7 +55,19 @@ def load_model(config: ModelConfig, device: str | torch.device = "cpu") -> nn.Mo
             module.linear_method.process_weights_after_loading(module, keep_decode_copy=keep_decode_copy)
         elif isinstance(module, ParallelLMHead):
             module.process_weights_after_loading(keep_decode_copy=keep_decode_copy)
+    logger.info("weights: %.1f MB in memory (%s)", _weight_bytes(model) / 1e6, config.quantization or config.dtype)
     return model.eval()
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and of the second copies layers keep (decode / oneDNN layouts)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for module in model.modules():
+        for extra in ("decode_weight", "_decode", "_packed"):
+            t = getattr(module, extra, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
 
 
 def _room_for_second_copy(model: nn.Module) -> bool:

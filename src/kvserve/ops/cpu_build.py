@@ -218,13 +218,17 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.kv_prefill_attention_bf16.restype = c_int
     lib.kv_prefix_attention_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, f32]
     lib.kv_prefix_attention_bf16.restype = c_int
-    lib.kv_llama_layers_bf16.argtypes = [i64, *[ptr] * 14, f32, f32]
-    lib.kv_llama_layers_bf16.restype = c_int
+    lib.kv_llama_layers.argtypes = [c_int, i64, *[ptr] * 14, f32, f32]
+    lib.kv_llama_layers.restype = c_int
+    lib.kv_quant_dequant.argtypes = [c_int, ptr, i64, i64, ptr]
+    lib.kv_quant_matmul.argtypes = [c_int, ptr, c_int, i64, i64, ptr, i64, ptr, c_int]
+    lib.kv_quant_matmul_max_rows.argtypes, lib.kv_quant_matmul_max_rows.restype = [c_int, i64, i64], c_int
     lib.kv_isa.argtypes, lib.kv_isa.restype = [], ctypes.c_char_p
     lib.kv_amx_granted.argtypes, lib.kv_amx_granted.restype = [], c_int
     lib.kv_vec_selftest.argtypes, lib.kv_vec_selftest.restype = [ctypes.c_char_p, i64], c_int
     void = (lib.kv_rms_norm, lib.kv_silu_and_mul, lib.kv_rotary, lib.kv_paged_attention, lib.kv_argmax_rows,
-            lib.kv_sample_rows, lib.kv_write_kv, lib.kv_decode_matmul_bf16)  # fmt: skip
+            lib.kv_sample_rows, lib.kv_write_kv, lib.kv_decode_matmul_bf16, lib.kv_quant_dequant,
+            lib.kv_quant_matmul)  # fmt: skip
     for f in void:
         f.restype = None
     return lib

@@ -8,6 +8,7 @@
 //   sampling.cpp     argmax and inverse-CDF sampling of logits rows
 //   attention.cpp    paged attention, reading the KV cache in place
 //   matmul.cpp       the decode-sized matmul (bf16 weights, float32 accumulation)
+//   quant.cpp        GGUF quantized blocks: dequantization, the decode-sized matmul (quant_blocks.hpp)
 //   amx.cpp          AMX tile kernels: matmul, attention of fresh prompts and shared prefixes
 //   layer_stack.cpp  a step's whole stack of Llama layers in one call
 //   selftest.cpp     the vector layer against its scalar definition; which level this build is
@@ -48,6 +49,16 @@ void paged_attention(const T* q, const T* k_cache, const T* v_cache, T* out, con
 void decode_matmul(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, void* out, bool out_f32,
                    bool allow_amx);
 int decode_matmul_max_rows(int64_t K, int64_t N, bool allow_amx);
+
+// ---- quant.cpp: GGUF blocks (type: the GGML type id, 2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 13 Q5_K,
+// 14 Q6_K); W [N, K] as GGUF stores it, N rows of K / block size blocks. Each returns false, doing
+// nothing, where the type or K does not apply (quant_matmul_max_rows is then 0).
+// out [rows, K] float32 = W's values, bit for bit gguf-py's dequantize.
+bool quant_dequant(int type, const uint8_t* blocks, int64_t rows, int64_t K, float* out);
+// out [M, N] (bf16: rounded once, or float32) = x [M, K] (bf16 or float32) @ W^T, float32 sums.
+bool quant_matmul(int type, const void* x, bool x_bf16, int64_t M, int64_t K, const uint8_t* blocks, int64_t N,
+                  void* out, bool out_bf16);
+int quant_matmul_max_rows(int type, int64_t K, int64_t N);  // the measured crossover with dequant + GEMM
 
 // ---- amx.cpp (where the build has no AMX: amx_granted() is false and nothing else is called) ----
 bool amx_granted();  // this process may use AMX tiles (asked of the OS once)

@@ -61,6 +61,39 @@ float random_float(float scale) {
   return (static_cast<float>(rng >> 40) / static_cast<float>(1 << 24) * 2.0f - 1.0f) * scale;
 }
 
+// The GGUF block ops (quant.cpp): bytes and nibbles to float32, 16-entry tables, every float16.
+void check_block_ops(Checker& c) {
+  alignas(64) uint8_t bytes[16];
+  alignas(64) float t[16], o[16];
+  for (int round = 0; round < 64; ++round) {
+    for (int i = 0; i < 16; ++i) {
+      bytes[i] = static_cast<uint8_t>(random_float(128.0f) + 128.0f);  // [0, 256)
+      t[i] = random_float(100.0f);
+    }
+    if (round == 0)
+      for (int i = 0; i < 16; ++i) bytes[i] = static_cast<uint8_t>(i == 0 ? 0 : i == 1 ? 255 : i == 2 ? 128 : 127);
+    store(o, load_i8(reinterpret_cast<const int8_t*>(bytes)));
+    for (int i = 0; i < 16; ++i) c.check(o[i] == static_cast<int8_t>(bytes[i]), "load_i8", i, o[i], static_cast<int8_t>(bytes[i]));
+    for (int shift = 0; shift < 8; ++shift) {
+      for (int mask : {1, 3, 15, 63, 255}) {
+        store(o, load_bits(bytes, shift, mask));
+        for (int i = 0; i < 16; ++i) {
+          const float want = static_cast<float>((bytes[i] >> shift) & mask);
+          c.check(o[i] == want, "load_bits", i, o[i], want);
+        }
+      }
+      store(o, lut16(load(t), bytes, shift));
+      for (int i = 0; i < 16; ++i) c.check(same(o[i], t[(bytes[i] >> shift) & 15]), "lut16", i, o[i], t[(bytes[i] >> shift) & 15]);
+    }
+  }
+  alignas(64) uint16_t h[16];
+  for (uint32_t h0 = 0; h0 < 65536; h0 += 16) {
+    for (int i = 0; i < 16; ++i) h[i] = static_cast<uint16_t>(h0 + i);
+    store(o, load_f16(h));
+    for (int i = 0; i < 16; ++i) c.check(same(o[i], f16f(h[i])), "load_f16", i, o[i], f16f(h[i]));
+  }
+}
+
 }  // namespace
 
 KV_API const char* kv_isa() { return kIsa; }
@@ -132,5 +165,6 @@ KV_API int kv_vec_selftest(char* msg, int64_t cap) {
     store_n(o, load_n(a, n), n);
     for (int i = 0; i < 16; ++i) c.check(i < n ? same(o[i], a[i]) : bits(o[i]) == 0x7f7f7f7fu, "load_n/store_n", i, o[i], a[i]);
   }
+  check_block_ops(c);
   return c.failures;
 }

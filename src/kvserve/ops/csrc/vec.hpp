@@ -26,9 +26,21 @@
 //                               two bf16 is exact in float32, so this is AVX512_BF16's vdpbf16ps up to
 //                               its flushing of denormals)
 //   stream(p, v)                a float32 store that bypasses the caches where the ISA has one
+//   load_i8(p)                  16 int8 at p as float32 (exact)
+//   load_bits(p, shift, mask)   16 bytes at p: lane i = (p[i] >> shift) & mask as float32 (exact;
+//                               shift 0..7): nibbles and bit fields of GGUF blocks (quant.cpp)
+//   lut16(t, p, shift)          16 bytes at p: lane i = lane (p[i] >> shift) & 15 of t (a table)
+//   load_f16(p)                 16 float16 (bits) at p as float32: exact, lane i = f16f(p[i]) (NaN
+//                               quieted)
+//   load_f16x2(p, stride, n, a, b)  lane i < n: a = the float16 at p + i * stride (bytes), b = the
+//                               one after it, as load_f16 converts them; lanes past n 0 (GGUF blocks'
+//                               scales: one gather where the ISA has it)
 //   kIsa                        the level's name; kMatmulMr / kMatmulNr: the decode matmul's register
 //                               tile (rows x 16-column blocks) for this ISA's register file;
-//                               kMatmulMaxRows: the rows up to which it beats the library matmul
+//                               kMatmulMaxRows: the rows up to which it beats the library matmul;
+//                               kQuantMr / kQuantNr: the GGUF block matmul's register tile (x rows
+//                               x weight rows), kQuantMaxRows its measured crossover (quant.cpp);
+//                               kLut16Fast: lut16 beats converting and scaling nibbles
 #pragma once
 
 #include <algorithm>
@@ -54,6 +66,24 @@ inline bf16 f2bf(float f) {  // round to nearest even, as torch does; NaN stays 
   uint32_t nan = (u & 0x7fffffffu) > 0x7f800000u;
   uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   return static_cast<bf16>(nan ? ((u >> 16) | 0x40u) : rounded);
+}
+
+// float16 bits -> float32, exactly (numpy's astype; NaNs quieted, as F16C and NEON do).
+inline float f16f(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  uint32_t u;
+  if (e == 0x1f) {
+    u = sign | 0x7f800000u | (m << 13) | (m ? 0x400000u : 0u);
+  } else if (e != 0) {
+    u = sign | ((e + 112) << 23) | (m << 13);
+  } else {  // zero or subnormal: m * 2^-24, exact
+    const float f = static_cast<float>(m) * 5.9604644775390625e-8f;
+    std::memcpy(&u, &f, 4);
+    u |= sign;
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
 }
 
 namespace vec {

@@ -21,6 +21,8 @@ constexpr int64_t kMatmulMaxRows = 4;  // the decode matmul's measured crossover
 constexpr int64_t kMatmulMaxRows = 64;
 #endif
 constexpr int64_t kMatmulMr = 4, kMatmulNr = 4;  // 16 accumulators + 4 weight vectors of 32
+constexpr int64_t kQuantMr = 4, kQuantNr = 4, kQuantMaxRows = 16;
+constexpr bool kLut16Fast = true;  // lut16 is one vpermps
 
 struct F32x16 {
   __m512 v;
@@ -54,6 +56,28 @@ inline void stream_fence() { _mm_sfence(); }
 
 inline F32x16 round_bf16(F32x16 a) {
   return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_bits(a.v)), 16))};
+}
+
+inline F32x16 load_i8(const int8_t* p) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)))};
+}
+inline F32x16 load_bits(const uint8_t* p, int shift, int mask) {
+  const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+  return {_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(u, _mm_cvtsi32_si128(shift)), _mm512_set1_epi32(mask)))};
+}
+// vpermps reads the low 4 bits of each index: the & 15 is free.
+inline F32x16 lut16(F32x16 t, const uint8_t* p, int shift) {
+  __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+  if (shift != 0) u = _mm512_srl_epi32(u, _mm_cvtsi32_si128(shift));
+  return {_mm512_permutexvar_ps(u, t.v)};
+}
+inline F32x16 load_f16(const uint16_t* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p))}; }
+inline void load_f16x2(const uint8_t* p, int64_t stride, int n, F32x16& a, F32x16& b) {
+  const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                        _mm512_set1_epi32(static_cast<int>(stride)));
+  const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), static_cast<__mmask16>(first_lanes(n)), at, p, 1);
+  a = {_mm512_cvtph_ps(_mm512_cvtepi32_epi16(v))};
+  b = {_mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16)))};
 }
 
 inline F32x16 add(F32x16 a, F32x16 b) { return {_mm512_add_ps(a.v, b.v)}; }

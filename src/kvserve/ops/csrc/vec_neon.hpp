@@ -10,6 +10,8 @@ constexpr const char* kIsa = "neon";
 // 32 q registers: 2 rows x 1 block = 8 accumulators + 8 for the weight pairs + 8 for x.
 constexpr int64_t kMatmulMaxRows = 16;  // decode matmul's crossover (not measured on Arm yet)
 constexpr int64_t kMatmulMr = 2, kMatmulNr = 1;
+constexpr int64_t kQuantMr = 2, kQuantNr = 2, kQuantMaxRows = 16;  // GGUF block matmul (not measured on Arm)
+constexpr bool kLut16Fast = false;  // (four TBLs per vector)
 
 struct F32x16 {
   float32x4_t q[4];
@@ -55,6 +57,44 @@ inline F32x16 round_bf16(F32x16 a) {
 #define KV_Q(i) vreinterpretq_f32_u32(vshlq_n_u32(bf16_bits32(a.q[i]), 16))
   return KV_NEON_MAP(KV_Q);
 #undef KV_Q
+}
+
+inline F32x16 load_i8(const int8_t* p) {
+  const int8x16_t b = vld1q_s8(p);
+  const int16x8_t lo = vmovl_s8(vget_low_s8(b)), hi = vmovl_s8(vget_high_s8(b));
+  return {{vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo))),
+           vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi)))}};
+}
+inline F32x16 load_bits(const uint8_t* p, int shift, int mask) {
+  const uint8x16_t b = vandq_u8(vshlq_u8(vld1q_u8(p), vdupq_n_s8(static_cast<int8_t>(-shift))),
+                                vdupq_n_u8(static_cast<uint8_t>(mask)));
+  const uint16x8_t lo = vmovl_u8(vget_low_u8(b)), hi = vmovl_u8(vget_high_u8(b));
+  return {{vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo))), vcvtq_f32_u32(vmovl_u16(vget_high_u16(lo))),
+           vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi))), vcvtq_f32_u32(vmovl_u16(vget_high_u16(hi)))}};
+}
+// TBL over t's 64 bytes: lane i's four bytes at 4 * index + 0..3.
+inline F32x16 lut16(F32x16 t, const uint8_t* p, int shift) {
+  const uint8x16x4_t bytes = {{vreinterpretq_u8_f32(t.q[0]), vreinterpretq_u8_f32(t.q[1]), vreinterpretq_u8_f32(t.q[2]),
+                               vreinterpretq_u8_f32(t.q[3])}};
+  const uint8x16_t idx4 = vshlq_n_u8(vandq_u8(vshlq_u8(vld1q_u8(p), vdupq_n_s8(static_cast<int8_t>(-shift))), vdupq_n_u8(15)), 2);
+  const uint8x16_t within = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3};
+  F32x16 r;
+  for (int i = 0; i < 4; ++i) {
+    const uint8x16_t spread = vaddq_u8(vdupq_n_u8(static_cast<uint8_t>(4 * i)),
+                                       uint8x16_t{0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3});
+    r.q[i] = vreinterpretq_f32_u8(vqtbl4q_u8(bytes, vaddq_u8(vqtbl1q_u8(idx4, spread), within)));
+  }
+  return r;
+}
+inline F32x16 load_f16(const uint16_t* p) {
+#define KV_Q(i) vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p + 4 * (i))))
+  return KV_NEON_MAP(KV_Q);
+#undef KV_Q
+}
+inline void load_f16x2(const uint8_t* p, int64_t stride, int n, F32x16& a, F32x16& b) {
+  uint16_t h[2][16] = {};
+  for (int i = 0; i < n; ++i) std::memcpy(&h[0][i], p + i * stride, 2), std::memcpy(&h[1][i], p + i * stride + 2, 2);
+  a = load_f16(h[0]), b = load_f16(h[1]);
 }
 
 #define KV_NEON_BINARY(name, op)                    \

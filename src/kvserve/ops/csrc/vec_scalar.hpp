@@ -8,6 +8,8 @@ namespace kv::vec {
 constexpr const char* kIsa = "scalar";
 constexpr int64_t kMatmulMaxRows = 4;  // decode matmul's crossover (not measured)
 constexpr int64_t kMatmulMr = 2, kMatmulNr = 1;
+constexpr int64_t kQuantMr = 2, kQuantNr = 2, kQuantMaxRows = 4;  // GGUF block matmul (not measured)
+constexpr bool kLut16Fast = false;
 
 struct F32x16 {
   float f[16];
@@ -29,6 +31,15 @@ inline void store(bf16* p, F32x16 a) {
 inline void stream(float* p, F32x16 a) { store(p, a); }
 inline void stream_fence() {}
 inline F32x16 round_bf16(F32x16 a) { KV_LANES(bf2f(f2bf(a.f[i]))); }
+inline F32x16 load_i8(const int8_t* p) { KV_LANES(static_cast<float>(p[i])); }
+inline F32x16 load_bits(const uint8_t* p, int shift, int mask) { KV_LANES(static_cast<float>((p[i] >> shift) & mask)); }
+inline F32x16 lut16(F32x16 t, const uint8_t* p, int shift) { KV_LANES(t.f[(p[i] >> shift) & 15]); }
+inline F32x16 load_f16(const uint16_t* p) { KV_LANES(f16f(p[i])); }
+inline void load_f16x2(const uint8_t* p, int64_t stride, int n, F32x16& a, F32x16& b) {
+  uint16_t h[2][16] = {};
+  for (int i = 0; i < n; ++i) std::memcpy(&h[0][i], p + i * stride, 2), std::memcpy(&h[1][i], p + i * stride + 2, 2);
+  a = load_f16(h[0]), b = load_f16(h[1]);
+}
 
 inline F32x16 add(F32x16 a, F32x16 b) { KV_LANES(a.f[i] + b.f[i]); }
 inline F32x16 sub(F32x16 a, F32x16 b) { KV_LANES(a.f[i] - b.f[i]); }
