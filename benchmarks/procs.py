@@ -87,6 +87,28 @@ def _completion_ok(base_url: str, model: str) -> bool:
         return False  # not listening yet, or listening but not ready (503)
 
 
+def served_model(server: Server) -> str:
+    """The first model id the server reports at /v1/models (what clients must send as "model")."""
+    try:
+        with urllib.request.urlopen(f"{server.base_url}/v1/models", timeout=30) as response:
+            return json.load(response)["data"][0]["id"]
+    except (OSError, ValueError, KeyError, IndexError) as e:  # URLError is an OSError
+        raise StageError(f"no model id at {server.base_url}/v1/models: {e!r} (log: {server.log})") from None
+
+
+def group_rss_bytes(server: Server) -> int:
+    """Resident memory of every process in the server's process group (its engine workers too)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+            if int(fields[2]) == server.proc.pid:  # pgrp; the server leads its own group
+                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # rss, in pages
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+    return total
+
+
 def stop_server(server: Server) -> None:
     _stop_group(server.proc)
 
