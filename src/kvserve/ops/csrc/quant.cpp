@@ -5,19 +5,24 @@
 // W [N, K]: N rows, each K / block_size consecutive blocks (row_bytes = K / block_size * type_size).
 //   dequant: W as float32, bit for bit gguf-py's dequantize (prompt-sized matmuls run MKL's GEMM
 //            on it; embedding rows).
-//   matmul:  out [M, N] = x [M, K] @ W^T for decode-sized M. Each value of W is decoded exactly as
-//            dequant does, in registers, and multiplied with x in float32 (fma): the result is
-//            F.linear(x, dequant(W)) up to float32 summation order, and the order is fixed: lane l
+//   matmul:  out [M, N] = x [M, K] @ W^T for decode-sized M. Each weight is decoded in registers to
+//            exactly dequant's value and multiplied with x in float32 (fma), so the result is
+//            F.linear(x, dequant(W)) up to float32 summation order, and that order is fixed: lane l
 //            of one accumulator per output sums k = l, l + 16, ... in turn, then reduce_add16's
-//            tree, so every ISA and tile gives the same bits.
-// At decode batch sizes the matmul is bound by streaming W from memory: each thread takes a
-// contiguous range of weight rows and streams each row once for all M rows of x. Up to kQuantMr
-// rows of x the blocks are decoded straight into registers for a tile of kQuantMr x kQuantNr
-// outputs; past that a thread decodes kQuantNr weight rows into a float32 buffer (L1) once and
-// runs the register tile over them for every group of x rows (decoding again per group cost more).
-// Q4_0 / Q4_1's scale factors out of a block's dot product (d * sum x q + m * sum x), which trades
-// the decode's multiply-add for a multiply per block but needs per-block sums of x, and changes
-// what is summed; measured no faster here, so not done: the decode is the same at every M.
+//            tree, so every ISA, tile and batch size gives the same bits for a row.
+// Each thread takes a contiguous range of tiles of kQuantNr weight rows and streams each row once
+// for all M rows of x. Up to kQuantMr rows of x, blocks are decoded straight into registers, with
+// their scales converted 16 blocks at a time and 4-bit blocks looked up in a 16-value table where
+// the ISA permutes fast (quant_blocks.hpp); the bytes two tiles on are prefetched. Past kQuantMr
+// rows a tile is decoded once into an L1 buffer that the register tile runs over for every group
+// of x rows, K in passes of kQuantKc (one AVX-512 core, per block and row of x: 2.3 cycles decoding
+// in registers for 4 rows, 1.7 through the buffer for 16).
+// Not done: Q4_0 / Q4_1's scales factor out of a block's dot product (d * sum x q + m * sum x) but
+// that costs as many vector operations per block at M = 1 (lookups of q, then one fma each for d
+// and m) and sums large terms that cancel; llama.cpp's int8 dot products quantize x (not exact).
+// Measured on a 2-core AVX-512 Xeon, default model's linears x 30 layers (each its own weights), x
+// and out bf16: Q4_1 at M = 1 5.6 ms vs 10.7 ms for bf16 weights through decode_matmul (AVX2: 7.1
+// vs 13.9); at M = 16 about equal (28 vs 25 ms; both bound by float32 FMAs there).
 #if defined(__GNUC__) && !defined(__clang__)
 // g++ contracts a * b + c into an fma even with -std=c++17 (only ISO C turns that off); gguf-py
 // multiplies and adds separately. (Its products here are exact, so an fma would round the same
@@ -73,6 +78,10 @@ inline void tile_fused(const float* x, int64_t K, const uint8_t* const* w, int64
   for (int64_t i = 0; i < MR; ++i)
     for (int64_t j = 0; j < NR; ++j) acc[i][j] = zero();
   const int64_t nb = K / F::kBlock;
+  // The same bytes two tiles on (rows are consecutive): the hardware prefetcher alone left M = 1
+  // waiting on memory (default model's linears, 30 layers: 5.4-6.4 -> 4.3-4.9 ms; 1, 3, 6 tiles on
+  // and prefetching to L2 only were slower).
+  const int64_t ahead = 2 * NR * nb * F::kBytes;
   for (int64_t b0 = 0; b0 < nb; b0 += F::kGroup) {
     const int n = static_cast<int>(std::min<int64_t>(F::kGroup, nb - b0));
     alignas(64) float s[NR][32];
@@ -82,6 +91,10 @@ inline void tile_fused(const float* x, int64_t K, const uint8_t* const* w, int64
       F32x16 w0[NR], w1[NR];
       for (int64_t j = 0; j < NR; ++j)
         F::template decode<true>(w[j] + b * F::kBytes, g % F::kChunks, s[j], g, w0[j], w1[j]);
+      for (int64_t j = 0; j < NR; ++j) {  // (a hint: never faults, even past the end)
+        const uintptr_t at = reinterpret_cast<uintptr_t>(w[j] + b * F::kBytes) + ahead;
+        __builtin_prefetch(reinterpret_cast<const void*>(at + (g % F::kChunks) * (F::kBytes / F::kChunks)));
+      }
       for (int64_t i = 0; i < MR; ++i) {
         const F32x16 x0 = load(x + i * K + k), x1 = load(x + i * K + k + 16);
         for (int64_t j = 0; j < NR; ++j) acc[i][j] = fma(x1, w1[j], fma(x0, w0[j], acc[i][j]));
@@ -93,8 +106,8 @@ inline void tile_fused(const float* x, int64_t K, const uint8_t* const* w, int64
 }
 
 // kQuantMr rows of x (x[i]) x kQuantNr decoded weight rows (w + j * K) over values k0 .. k0 + kc,
-// continuing the sums acc[i * kQuantNr + j] (from 0 where k0 == 0): tile_fused's order, in chunks that
-// keep x's and w's rows in L1.
+// continuing the sums acc[i * kQuantNr + j] (from 0 where k0 == 0): tile_fused's order, in passes
+// that keep x's and w's rows in L1.
 inline void tile_chunk(const float* const* x, const float* w, int64_t K, int64_t k0, int64_t kc, F32x16* acc) {
   constexpr int64_t MR = kQuantMr, NR = kQuantNr;
   F32x16 a[MR][NR];

@@ -2,9 +2,10 @@
 // (32 consecutive values, c < kBlock / 32) of one block into two vectors of float32 with the
 // arithmetic of gguf-py's dequantize_blocks (gguf/quants.py), operation for operation: scales
 // float16 -> float32, integers exact in float32, then its multiplies and adds, each rounded on its
-// own (mul, add, sub: never fused). Every product there is exact (a float16's 11 significant bits
-// times integers of at most 13 bits), so only the final add or subtract rounds, and a fused
-// multiply-add would round the same way: the values are gguf-py's bit for bit either way.
+// own (mul, add, sub). Every product there is exact (a float16's 11 significant bits times
+// integers: at most 23 bits), so only the final add or subtract rounds; a fused multiply-add
+// rounds that same sum the same way, which the matmul's decode<true> uses (mul_add). The values
+// are gguf-py's bit for bit either way (tests/unit/test_quant_kernels.py checks both).
 // Layouts (ggml's block_q*, little-endian; f16 = float16 bits):
 //   Q4_0 (2)  18 B: d f16, qs[16]: value j = d * ((qs[j] & 15) - 8), j + 16: (qs[j] >> 4)
 //   Q4_1 (3)  20 B: d, m f16, qs[16]: (d * q) + m, q the nibbles as in Q4_0

@@ -73,7 +73,10 @@ void check_block_ops(Checker& c) {
     if (round == 0)
       for (int i = 0; i < 16; ++i) bytes[i] = static_cast<uint8_t>(i == 0 ? 0 : i == 1 ? 255 : i == 2 ? 128 : 127);
     store(o, load_i8(reinterpret_cast<const int8_t*>(bytes)));
-    for (int i = 0; i < 16; ++i) c.check(o[i] == static_cast<int8_t>(bytes[i]), "load_i8", i, o[i], static_cast<int8_t>(bytes[i]));
+    for (int i = 0; i < 16; ++i) {
+      const float want = static_cast<int8_t>(bytes[i]);
+      c.check(o[i] == want, "load_i8", i, o[i], want);
+    }
     for (int shift = 0; shift < 8; ++shift) {
       for (int mask : {1, 3, 15, 63, 255}) {
         store(o, load_bits(bytes, shift, mask));
@@ -83,7 +86,10 @@ void check_block_ops(Checker& c) {
         }
       }
       store(o, lut16(load(t), bytes, shift));
-      for (int i = 0; i < 16; ++i) c.check(same(o[i], t[(bytes[i] >> shift) & 15]), "lut16", i, o[i], t[(bytes[i] >> shift) & 15]);
+      for (int i = 0; i < 16; ++i) {
+        const float want = t[(bytes[i] >> shift) & 15];
+        c.check(same(o[i], want), "lut16", i, o[i], want);
+      }
     }
   }
   alignas(64) uint16_t h[16];

@@ -76,7 +76,8 @@ inline F32x16 load_bits(const uint8_t* p, int shift, int mask) {
 inline F32x16 lut16(F32x16 t, const uint8_t* p, int shift) {
   const uint8x16x4_t bytes = {{vreinterpretq_u8_f32(t.q[0]), vreinterpretq_u8_f32(t.q[1]), vreinterpretq_u8_f32(t.q[2]),
                                vreinterpretq_u8_f32(t.q[3])}};
-  const uint8x16_t idx4 = vshlq_n_u8(vandq_u8(vshlq_u8(vld1q_u8(p), vdupq_n_s8(static_cast<int8_t>(-shift))), vdupq_n_u8(15)), 2);
+  const uint8x16_t nibbles = vandq_u8(vshlq_u8(vld1q_u8(p), vdupq_n_s8(static_cast<int8_t>(-shift))), vdupq_n_u8(15));
+  const uint8x16_t idx4 = vshlq_n_u8(nibbles, 2);
   const uint8x16_t within = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3};
   F32x16 r;
   for (int i = 0; i < 4; ++i) {
