@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kvserve.layers.linear import LinearMethod, scratch_view
+from kvserve.layers.linear import LinearMethod, scratch_gemm, scratch_view
 from kvserve.ops import quant_ops
 
 
@@ -59,12 +59,7 @@ def gguf_matmul(
             return y.view(*x.shape[:-1], n)
     xf = x2 if x2.dtype == torch.float32 else scratch_view("x", x2.shape).copy_(x2)
     wf = dequantize(blocks, qtype, k, out=scratch_view("w", (n, k)))
-    yf = scratch_view("y", (x2.shape[0], n))
-    if bias is None:
-        torch.mm(xf, wf.t(), out=yf)
-    else:
-        torch.addmm(bias.float(), xf, wf.t(), out=yf)
-    return yf.to(out_dtype, copy=True).view(*x.shape[:-1], n)  # a copy: yf is reused by the next call
+    return scratch_gemm(xf, wf, bias, out_dtype).view(*x.shape[:-1], n)
 
 
 class GGUFLinearMethod(LinearMethod):

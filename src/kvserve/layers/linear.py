@@ -109,12 +109,20 @@ def float32_gemm(
     x2 = x.reshape(-1, k)
     xf = scratch_view("x", (x2.shape[0], k)).copy_(x2)
     wf = scratch_view("w", (n, k)).copy_(weight)
-    yf = scratch_view("y", (x2.shape[0], n))
+    return scratch_gemm(xf, wf, bias, out_dtype or x.dtype).view(*x.shape[:-1], n)
+
+
+def scratch_gemm(
+    xf: torch.Tensor, wf: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype
+) -> torch.Tensor:
+    """xf [M, K] @ wf [N, K]^T (+ bias), both float32: MKL's GEMM into the reused "y" buffer, returned
+    as a new [M, N] tensor in out_dtype (rounded once; a copy even in float32, since "y" is reused)."""
+    yf = scratch_view("y", (xf.shape[0], wf.shape[0]))
     if bias is None:
         torch.mm(xf, wf.t(), out=yf)
     else:
         torch.addmm(bias.float(), xf, wf.t(), out=yf)
-    return yf.to(out_dtype or x.dtype, copy=True).view(*x.shape[:-1], n)  # a copy: yf is reused by the next call
+    return yf.to(out_dtype, copy=True)
 
 
 def pack_for_onednn(weight: torch.Tensor) -> Optional[torch.Tensor]:

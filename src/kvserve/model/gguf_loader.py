@@ -26,7 +26,6 @@ from kvserve.layers.linear import LinearMethod
 from kvserve.ops import quant_ops
 
 logger = logging.getLogger(__name__)
-_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
 
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -202,9 +201,7 @@ def iter_gguf_weights(
             name = hf_tensor_name(t.name)
             if name in blocks:  # rows of blocks: row permutations apply to them as they are
                 w = t.data.reshape(t.shape[-1], -1)  # [out, row_bytes] uint8
-            else:
-                if t.tensor_type not in _FLOAT_TYPES and config.quantization == "gguf":
-                    logger.info("%s: GGUF type %s has no kernel here; dequantized", name, t.tensor_type.name)
+            else:  # (log_gguf_types names the types dequantized)
                 w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))  # [out, in]
             if permuted and ".q_proj." in name:
                 w = _unpermute(w, config.num_attention_heads)

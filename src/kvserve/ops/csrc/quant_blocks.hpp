@@ -54,13 +54,17 @@ inline F32x16 iota16(float from) {  // from, from + 1, ..., from + 15
   return add(load(v), set1(from));
 }
 
+// The leading float16 d of n blocks of kBytes bytes (Q4_0, Q8_0): s[i] = d of block i.
+template <int kBytes>
+inline void scale_d(const uint8_t* b, int n, float* s) {
+  F32x16 d, unused;
+  load_f16x2(b, kBytes, n, d, unused);
+  store(s, d);
+}
+
 struct Q4_0 {
   static constexpr int kType = 2, kBlock = 32, kBytes = 18, kChunks = 1, kGroup = 16;
-  static void scales(const uint8_t* b, int n, float* s) {
-    F32x16 d, unused;
-    load_f16x2(b, kBytes, n, d, unused);
-    store(s, d);
-  }
+  static void scales(const uint8_t* b, int n, float* s) { scale_d<kBytes>(b, n, s); }
   template <bool kFma = false>
   static void decode(const uint8_t* b, int, const float* s, int g, F32x16& w0, F32x16& w1) {
     const F32x16 d = set1(s[g]);
@@ -99,11 +103,7 @@ struct Q4_1 {
 
 struct Q8_0 {
   static constexpr int kType = 8, kBlock = 32, kBytes = 34, kChunks = 1, kGroup = 16;
-  static void scales(const uint8_t* b, int n, float* s) {
-    F32x16 d, unused;
-    load_f16x2(b, kBytes, n, d, unused);
-    store(s, d);
-  }
+  static void scales(const uint8_t* b, int n, float* s) { scale_d<kBytes>(b, n, s); }
   template <bool kFma = false>
   static void decode(const uint8_t* b, int, const float* s, int g, F32x16& w0, F32x16& w1) {
     const F32x16 d = set1(s[g]);
