@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")
-# --quantization: None = the checkpoint's own (a GGUF keeps its blocks), "gguf" = insist on that,
-# "none" = dequantize every weight at load.
-QUANTIZATIONS = (None, "gguf", "none")
+# --quantization: None = the checkpoint's own (a GGUF keeps its blocks, an AWQ / GPTQ folder its int4),
+# "gguf" / "awq" / "gptq" = insist on that, "none" = dequantize every GGUF weight at load, "int8" /
+# "int4" = quantize a float checkpoint's linears at load (weight-only; model/hf_quant.py).
+QUANTIZATIONS = (None, "gguf", "none", "int8", "int4", "awq", "gptq")
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,11 @@ class ModelConfig:
     # Dtype we compute in, resolved from the user's choice ("auto" never reaches here).
     dtype: str = "float32"
     # How weights are kept, resolved at the edge: None = dense in `dtype`; "gguf" = a GGUF's tensors in
-    # the block types the CPU kernels take stay in their blocks (model/gguf_loader.py).
+    # the block types the CPU kernels take stay in their blocks (model/gguf_loader.py); "int8" / "int4" /
+    # "awq" / "gptq": the linears in blocks (model/hf_quant.py).
     quantization: Optional[str] = None
+    # config.json's quantization_config (AWQ / GPTQ checkpoints), as the checkpoint has it.
+    checkpoint_quantization: Optional[dict[str, Any]] = None
 
     def with_dtype(self, dtype: str) -> "ModelConfig":
         return dataclasses.replace(self, dtype=dtype)

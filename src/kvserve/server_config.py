@@ -38,7 +38,8 @@ class ServerConfig:
     served_model_name: tuple[str, ...] = _opt((), "model name(s) clients use; the first is reported (default: MODEL)")
     dtype: str = _opt("auto", "compute dtype", choices=SUPPORTED_DTYPES)
     quantization: Optional[str] = _opt(
-        None, "how weights are kept: gguf (a GGUF's blocks, the default for one) or none (dequantized at load)",
+        None, "how weights are kept: gguf (a GGUF's blocks, the default for one), none (a GGUF dequantized at load), "
+        "int8 / int4 (a float checkpoint's linears quantized at load), awq / gptq (the checkpoint's own int4)",
         choices=[q for q in QUANTIZATIONS if q],
     )
     max_model_len: Optional[int] = _opt(None, "context length, prompt + output (default: the model's)")

@@ -1,4 +1,5 @@
-"""GGUF weights kept in their block types: linear layers, the token embedding and the LM head.
+"""Weights kept in block types: a GGUF's linear layers, token embedding and LM head as the file has
+them, and linears quantized at load (int8 / int4) or from AWQ / GPTQ checkpoints (ops/quant_pack.py).
 
 A kept weight is its GGUF tensor's bytes, unchanged: uint8 [out, row_bytes], each row `in / block_size`
 blocks of `type_size` bytes in ggml's layout (q/k rows un-permuted as rows, like dequantized ones), so
@@ -11,7 +12,7 @@ The embedding dequantizes only the rows it looks up.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -79,14 +80,25 @@ class GGUFLinearMethod(LinearMethod):
         return gguf_matmul(x, layer.weight, self.qtype, layer.in_features, bias)
 
 
-def keep_linear_quantized(layer: nn.Module, qtype: int) -> None:
-    """Swap a parallel linear layer (built unquantized) to GGUF blocks of `qtype` before its weights load.
-    Its unquantized weight was allocated uninitialised and never touched, so it never took memory."""
+def keep_linear_quantized(
+    layer: nn.Module, qtype: int, quantize: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+) -> None:
+    """Swap a parallel linear layer (built unquantized) to blocks of `qtype` before its weights load.
+    Its unquantized weight was allocated uninitialised and never touched, so it never took memory.
+    quantize: float [rows, in] -> blocks [rows, row_bytes], applied to each float weight (or shard)
+    the checkpoint hands it (per-row quantization: the same whether q, k and v come fused or apart)."""
     out_features, in_features = layer.weight.shape
     layer.linear_method = GGUFLinearMethod(qtype)
     layer.linear_method.create_weights(layer, in_features, out_features, layer.bias is not None, layer.weight.dtype)
     for param in layer.parameters(recurse=False):
         param.weight_loader = layer.weight_loader
+    if quantize is not None:
+        load = layer.weight_loader
+
+        def load_quantized(param, loaded_weight, shard_id=None):
+            load(param, quantize(loaded_weight) if loaded_weight.is_floating_point() else loaded_weight, shard_id)
+
+        layer.weight.weight_loader = load_quantized
 
 
 def keep_embedding_quantized(embedding: nn.Module, qtype: int) -> None:

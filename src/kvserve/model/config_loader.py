@@ -45,8 +45,9 @@ def load_model_config(
 ) -> ModelConfig:
     """Read the architecture of the checkpoint at `path` and resolve `dtype` and `quantization` for `device`.
 
-    quantization: None = the checkpoint's own (a GGUF keeps its blocks where the CPU kernels run),
-    "gguf" = the same, insisted on; "none" = dequantize every weight at load.
+    quantization: None = the checkpoint's own (a GGUF keeps its blocks where the CPU kernels run, an
+    AWQ / GPTQ folder its int4), "gguf" / "awq" / "gptq" = the same, insisted on; "none" = dequantize
+    every GGUF weight at load; "int8" / "int4" = quantize a float checkpoint's linears at load.
     Raises ValueError for an unknown dtype, quantization or architecture, FileNotFoundError for a bad path."""
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of: {', '.join(SUPPORTED_DTYPES)}")
@@ -66,16 +67,33 @@ def _quantization(config: ModelConfig, choice: Optional[str], device: str) -> Op
     if choice not in QUANTIZATIONS:
         raise ValueError(f"unsupported quantization {choice!r}; choose one of: {', '.join(map(str, QUANTIZATIONS))}")
     is_gguf = config.path.endswith(".gguf")
-    if choice == "gguf" and not is_gguf:
+    if is_gguf:
+        if choice not in (None, "gguf", "none"):
+            raise ValueError(f"--quantization {choice} applies to Hugging Face folders; a GGUF keeps its own "
+                             "blocks (--quantization gguf, the default) or is dequantized (none)")  # fmt: skip
+        if choice == "none":
+            return None
+        if device != "cpu" or cpu_build.load() is None:
+            if choice == "gguf":
+                logger.warning("GGUF blocks are computed with the CPU kernels only (%s): dequantizing at load",
+                               "not on a CPU" if device != "cpu" else "no kernel library")  # fmt: skip
+            return None
+        return "gguf"
+    if choice == "gguf":
         raise ValueError(f"--quantization gguf needs a .gguf file, got {config.path!r}")
-    if choice == "none" or not is_gguf:
-        return None
-    if device != "cpu" or cpu_build.load() is None:
-        if choice == "gguf":
-            logger.warning("GGUF blocks are computed with the CPU kernels only (%s): dequantizing at load",
-                           "not on a CPU" if device != "cpu" else "no kernel library")  # fmt: skip
-        return None
-    return "gguf"
+    method = (config.checkpoint_quantization or {}).get("quant_method")
+    if method is not None:
+        if method not in ("awq", "gptq"):
+            raise ValueError(f"{config.path}: quantization_config.quant_method {method!r} is not supported "
+                             "(kvserve loads awq and gptq checkpoints)")  # fmt: skip
+        if choice not in (None, method):
+            raise ValueError(f"{config.path} is a {method} checkpoint: leave --quantization out or pass {method}")
+        choice = method
+    elif choice in ("awq", "gptq"):
+        raise ValueError(f"--quantization {choice}: {config.path}/config.json has no {choice} quantization_config")
+    if choice in ("int8", "int4", "awq", "gptq") and device != "cpu":
+        raise ValueError(f"--quantization {choice} computes with the CPU kernels; it does not run on {device}")
+    return None if choice == "none" else choice
 
 
 def _auto_dtype(config: ModelConfig, device: torch.device) -> str:
@@ -154,4 +172,5 @@ def _hf_model_config(folder: str) -> ModelConfig:
         bos_token_id=_first_set(cfg.get("bos_token_id"), gen.get("bos_token_id")),
         eos_token_ids=_as_tuple(_first_set(gen.get("eos_token_id"), cfg.get("eos_token_id"))),
         checkpoint_dtype=checkpoint_dtype,
+        checkpoint_quantization=cfg.get("quantization_config"),
     )

@@ -25,6 +25,7 @@ from kvserve.config import ModelConfig
 from kvserve.layers.embedding import ParallelLMHead
 from kvserve.layers.linear import LinearMethod
 from kvserve.layers.rotary import RotaryEmbedding
+from kvserve.model import hf_quant
 from kvserve.model.gguf_loader import gguf_tensor_types, iter_gguf_weights, keep_gguf_blocks, log_gguf_types
 from kvserve.model.registry import get_model_class
 
@@ -42,9 +43,12 @@ def load_model(config: ModelConfig, device: str | torch.device = "cpu") -> nn.Mo
             blocks = keep_gguf_blocks(model, types)
             log_gguf_types(types, blocks)
         num_tensors, weights = iter_gguf_weights(config.path, config, blocks)
+        progress = tqdm(weights, total=num_tensors, desc="Loading weights", unit="tensor", leave=False)
     else:
-        num_tensors, weights = _iter_safetensors(config.path)
-    progress = tqdm(weights, total=num_tensors, desc="Loading weights", unit="tensor", leave=False)
+        names, weights = _iter_safetensors(config.path)
+        transform = hf_quant.prepare(model, config, names)
+        progress = tqdm(weights, total=len(names), desc="Loading weights", unit="tensor", leave=False)
+        progress = transform(progress) if transform is not None else progress
     with torch.no_grad():
         load_weights(model, progress)
     keep_decode_copy = _room_for_second_copy(model)
@@ -143,13 +147,13 @@ def _safetensors_files(folder: str) -> list[str]:
     return files
 
 
-def _iter_safetensors(folder: str) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
-    """-> (number of tensors, iterator of (name, tensor)); each tensor is read only when reached."""
+def _iter_safetensors(folder: str) -> tuple[list[str], Iterator[tuple[str, torch.Tensor]]]:
+    """-> (every tensor's name, iterator of (name, tensor)); each tensor is read only when reached."""
     files = _safetensors_files(folder)
-    count = 0
+    names: list[str] = []
     for path in files:
         with safe_open(path, framework="pt") as f:
-            count += len(f.keys())
+            names.extend(f.keys())
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for path in files:
@@ -157,4 +161,4 @@ def _iter_safetensors(folder: str) -> tuple[int, Iterator[tuple[str, torch.Tenso
                 for name in f.keys():
                     yield name, f.get_tensor(name)
 
-    return count, tensors()
+    return names, tensors()

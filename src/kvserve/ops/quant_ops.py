@@ -19,12 +19,17 @@ from kvserve.ops import cpu_build
 
 # GGML type ids the kernels compute with: Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K.
 GGUF_KERNEL_TYPES = frozenset({2, 3, 8, 12, 13, 14})
+# kvserve's own block type, not a GGML one (quant_pack.py makes it): AWQ / GPTQ int4, group 128, with
+# a float16 scale and an integer zero point per group (csrc/quant_blocks.hpp's Q4_Z).
+Q4_Z = 100
+KERNEL_TYPES = GGUF_KERNEL_TYPES | {Q4_Z}
+_OWN_SIZES = {Q4_Z: (128, 68)}
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def block_shape(qtype: int) -> tuple[int, int]:
-    """(values per block, bytes per block) of GGML type `qtype`."""
-    return GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+    """(values per block, bytes per block) of block type `qtype` (GGML's, or Q4_Z)."""
+    return _OWN_SIZES[qtype] if qtype in _OWN_SIZES else GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
 
 
 def _row_bytes(qtype: int, k: int) -> Optional[int]:
@@ -35,7 +40,7 @@ def _row_bytes(qtype: int, k: int) -> Optional[int]:
 
 def _blocks_fit(blocks: torch.Tensor, qtype: int, k: int) -> bool:
     """The kernels apply to these blocks: a supported type, CPU uint8 [N, row_bytes] contiguous, library loaded."""
-    if qtype not in GGUF_KERNEL_TYPES or blocks.dim() != 2 or blocks.dtype != torch.uint8:
+    if qtype not in KERNEL_TYPES or blocks.dim() != 2 or blocks.dtype != torch.uint8:
         return False
     if not blocks.is_cpu or not blocks.is_contiguous() or blocks.shape[1] != _row_bytes(qtype, k):
         return False
@@ -88,7 +93,12 @@ def _max_rows(qtype: int, k: int, n: int) -> int:
 
 
 def reference_dequantize(blocks: Union[torch.Tensor, np.ndarray], qtype: int, k: int) -> torch.Tensor:
-    """gguf-py's dequantize (numpy, no kernels): blocks uint8 [N, row_bytes] -> float32 [N, k]."""
+    """gguf-py's dequantize (numpy, no kernels): blocks uint8 [N, row_bytes] -> float32 [N, k]; for
+    Q4_Z, quant_pack's torch arithmetic."""
+    if qtype == Q4_Z:
+        from kvserve.ops.quant_pack import dequantize_q4_z
+
+        return dequantize_q4_z(torch.as_tensor(blocks), k)
     array = blocks.cpu().numpy() if isinstance(blocks, torch.Tensor) else np.asarray(blocks)
     values = gguf_dequantize(np.ascontiguousarray(array, dtype=np.uint8), GGMLQuantizationType(qtype))
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(array.shape[0], k)

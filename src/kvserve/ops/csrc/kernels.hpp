@@ -51,7 +51,7 @@ void decode_matmul(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N
 int decode_matmul_max_rows(int64_t K, int64_t N, bool allow_amx);
 
 // ---- quant.cpp: GGUF blocks (type: the GGML type id, 2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 13 Q5_K,
-// 14 Q6_K); W [N, K] as GGUF stores it, N rows of K / block size blocks. Each returns false, doing
+// 14 Q6_K; or 100, kvserve's Q4_Z); W [N, K] as GGUF stores it, N rows of K / block size blocks. Each returns false, doing
 // nothing, where the type or K does not apply (quant_matmul_max_rows is then 0).
 // out [rows, K] float32 = W's values, bit for bit gguf-py's dequantize.
 bool quant_dequant(int type, const uint8_t* blocks, int64_t rows, int64_t K, float* out);

@@ -232,7 +232,7 @@ bool quant_matmul(int type, const void* x, bool x_bf16, int64_t M, int64_t K, co
 
 }  // namespace kv
 
-// type: GGML type id (2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 13 Q5_K, 14 Q6_K); blocks: [rows][K / block
+// type: GGML type id (2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 13 Q5_K, 14 Q6_K) or 100 (Q4_Z); blocks: [rows][K / block
 // size blocks] as GGUF stores them; out: [rows, K] float32. Does nothing for other types or K.
 KV_API void kv_quant_dequant(int type, const void* blocks, int64_t rows, int64_t K, float* out) {
   kv::quant_dequant(type, static_cast<const uint8_t*>(blocks), rows, K, out);

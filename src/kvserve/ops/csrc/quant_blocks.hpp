@@ -17,6 +17,9 @@
 //   Q6_K (14) 210 B: ql[128], qh[64], scales[16] int8, d f16: value e = 128 h + 32 s + l (h < 2,
 //             s < 4, l < 32) = (d * scales[e / 16]) * (q - 32), q = nibble s / 2 of
 //             ql[64 h + 32 (s % 2) + l] | bits 2s, 2s + 1 of qh[32 h + l] << 4
+// and kvserve's own, for AWQ / GPTQ int4 (asymmetric, group 128; not a GGML type):
+//   Q4_Z (100) 68 B: d f16, z uint8, pad, qs[64]: chunk c (32 values) = d * (q - z), q the nibbles
+//             of qs[16 c ..] as in Q4_0 (q - z an integer in [-16, 15]: every value exact)
 #pragma once
 
 #include "vec.hpp"
@@ -198,6 +201,31 @@ struct Q6_K {
   }
 };
 
+// s[4 i + c] = d, s[16 + 4 i + c] = z of block i, for each of its four chunks c.
+struct Q4_Z {
+  static constexpr int kType = 100, kBlock = 128, kBytes = 68, kChunks = 4, kGroup = 4;
+  static void scales(const uint8_t* b, int n, float* s) {
+    alignas(64) float d[16] = {}, z[16] = {};
+    for (int i = 0; i < n; ++i)
+      for (int c = 0; c < 4; ++c) d[4 * i + c] = half_at(b + i * kBytes), z[4 * i + c] = b[i * kBytes + 2];
+    store(s, load(d));
+    store(s + 16, load(z));
+  }
+  template <bool = false>
+  static void decode(const uint8_t* b, int c, const float* s, int g, F32x16& w0, F32x16& w1) {
+    const F32x16 d = set1(s[g]), z = set1(s[16 + g]);
+    const uint8_t* q = b + 4 + 16 * c;
+    if constexpr (kLut16Fast) {
+      const F32x16 t = mul(d, sub(iota16(0.0f), z));  // t[q] = d * (q - z), exact
+      w0 = lut16(t, q, 0);
+      w1 = lut16(t, q, 4);
+    } else {
+      w0 = mul(d, sub(load_bits(q, 0, 15), z));
+      w1 = mul(d, sub(load_bits(q, 4, 15), z));
+    }
+  }
+};
+
 // f(Format{}) for the format of GGML type `type`; false (nothing called) for other types.
 template <typename Fn>
 inline bool with_format(int type, Fn&& f) {
@@ -208,6 +236,7 @@ inline bool with_format(int type, Fn&& f) {
     case Q4_K::kType: f(Q4_K{}); return true;
     case Q5_K::kType: f(Q5_K{}); return true;
     case Q6_K::kType: f(Q6_K{}); return true;
+    case Q4_Z::kType: f(Q4_Z{}); return true;
     default: return false;
   }
 }
