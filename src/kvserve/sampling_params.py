@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 _SAMPLING_EPS = 1e-5
 
@@ -13,6 +14,61 @@ class RequestOutputKind(IntEnum):
     CUMULATIVE = 0  # every output holds everything generated so far
     DELTA = 1  # each output holds only what is new since the last one
     FINAL_ONLY = 2  # one output, when the request finishes
+
+
+# The constraints of StructuredOutputsParams; a request sets exactly one.
+STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a JSON schema, a regex, one of a list of strings, an EBNF/GBNF grammar,
+    or any JSON object (vLLM's names). `json` is a schema as a dict, a JSON string, or a pydantic model
+    class (its model_json_schema()); it is kept as a dict or a string. Validated on construction."""
+
+    json: Optional[Union[str, dict[str, Any]]] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+    disable_any_whitespace: bool = False  # JSON: no whitespace beyond the one separator form
+    disable_additional_properties: bool = False  # JSON: every object's additionalProperties is false
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, type) and hasattr(self.json, "model_json_schema"):
+            self.json = self.json.model_json_schema()
+        if self.choice is not None:
+            self.choice = list(self.choice)
+        set_kinds = [k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False)]
+        if len(set_kinds) != 1:
+            got = ", ".join(set_kinds) if set_kinds else "none"
+            raise ValueError(
+                f"structured_outputs must set exactly one of {', '.join(STRUCTURED_OUTPUT_KINDS)}; got {got}."
+            )
+        if isinstance(self.json, str):
+            try:
+                json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+        elif self.json is not None and not isinstance(self.json, dict):
+            kind = type(self.json).__name__
+            raise ValueError(f"structured_outputs.json must be a JSON schema (dict or string), not {kind}.")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("structured_outputs.choice must be a list of non-empty strings.")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: one of STRUCTURED_OUTPUT_KINDS."""
+        return next(k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False))
+
+    def key(self) -> tuple:
+        """Identifies the compiled grammar: equal keys compile to the same grammar."""
+        spec = getattr(self, self.kind)
+        if isinstance(spec, dict):
+            spec = json.dumps(spec, sort_keys=True)
+        elif isinstance(spec, list):
+            spec = tuple(spec)
+        return (self.kind, spec, self.disable_any_whitespace, self.disable_additional_properties)
 
 
 @dataclass
@@ -39,6 +95,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: Optional[dict[int, float]] = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: Optional[StructuredOutputsParams] = None
     # Filled by the engine from the tokenizer / generation_config, not by users.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -50,6 +107,8 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.top_k == -1:
             self.top_k = 0
         if self.logit_bias is not None:

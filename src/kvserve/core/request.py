@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Optional
+from typing import Optional, Protocol
 
 from kvserve.sampling_params import SamplingParams
 
@@ -26,6 +26,24 @@ class RequestStatus(enum.IntEnum):
         return {3: "stop", 4: "length", 5: "abort"}.get(int(self))
 
 
+class RequestGrammar(Protocol):
+    """A request's structured-output state, as the scheduler sees it (the engine supplies it). It lives
+    with the request's output tokens, not with its KV: it has accepted exactly output_token_ids, so a
+    preempted request recomputes its KV and keeps its grammar as it was."""
+
+    def is_ready(self) -> bool:
+        """Whether its grammar is compiled (or failed to); until then the request is not scheduled."""
+        ...
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by one sampled token; False if the grammar rejects it."""
+        ...
+
+    def is_terminated(self) -> bool:
+        """The grammar is complete (it accepted a stop token): the request is done."""
+        ...
+
+
 class Request:
     """Invariant: all_token_ids == prompt_token_ids + output_token_ids, and
     0 <= num_computed_tokens <= num_tokens; the first num_computed_tokens tokens have KV in the cache
@@ -38,6 +56,7 @@ class Request:
         sampling_params: SamplingParams,
         max_tokens: int,
         arrival_time: Optional[float] = None,
+        grammar: Optional[RequestGrammar] = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -54,6 +73,7 @@ class Request:
         self.stop_reason: int | str | None = None  # the stop token id or stop string that finished it
         # Chained hashes of the full blocks of all_token_ids, appended by the KV-cache manager.
         self.block_hashes: list[int] = []
+        self.grammar = grammar  # None: unconstrained
 
     @property
     def num_tokens(self) -> int:

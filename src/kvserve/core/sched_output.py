@@ -37,6 +37,11 @@ class SchedulerOutput:
     # Requests that finished (or were aborted) since the previous step: the runner drops their state.
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: set[str] = field(default_factory=set)
+    # Requests with a grammar that sample this step, in scheduled order; empty when none does.
+    grammar_req_ids: list[str] = field(default_factory=list)
+    # Their allowed tokens, filled by the engine after scheduling: row i for grammar_req_ids[i]
+    # (the structured-output manager's type, opaque here). None when grammar_req_ids is empty.
+    grammar_bitmask: object = None
 
     @property
     def is_empty(self) -> bool:

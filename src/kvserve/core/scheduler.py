@@ -4,10 +4,13 @@ Each request has num_computed_tokens; a step gives it min(num_tokens - num_compu
 tokens. Prefill, chunked prefill, prefix-cache hits and decode are all that one rule; while requests
 decode, prompts get a shorter step's share (_prefill_budget). When the cache cannot grow a running
 request, the most recently admitted running request is preempted (blocks freed, recomputed later
-from the front of the waiting queue). Never touches a tensor.
+from the front of the waiting queue). A request with a grammar (structured output) is held back while
+its grammar compiles, and each token it samples is fed to its grammar (a complete grammar finishes it).
+Never touches a tensor.
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Iterable
 
@@ -15,6 +18,8 @@ from kvserve.config import SchedulerConfig
 from kvserve.core.kv_cache_manager import KVCacheManager, cdiv
 from kvserve.core.request import Request, RequestStatus
 from kvserve.core.sched_output import CachedRequestData, NewRequestData, RequestUpdate, SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 class Scheduler:
@@ -105,12 +110,17 @@ class Scheduler:
             i += 1
 
         # 2. Waiting requests, while budget, sequence slots and blocks last. Skipped after a
-        # preemption this step: the cache is full, admitting would only thrash.
+        # preemption this step: the cache is full, admitting would only thrash. A request whose
+        # grammar is still compiling stays in the queue, in its place; the ones behind it go on.
+        not_ready: list[Request] = []
         while (
             self.waiting and min(budget, prefill_budget) > 0
             and len(self.running) < self.config.max_num_seqs and not out.preempted_req_ids
         ):  # fmt: skip
             request = self.waiting[0]
+            if request.grammar is not None and not request.grammar.is_ready():
+                not_ready.append(self.waiting.popleft())
+                continue
             hits, num_hit_tokens = [], 0
             if request.sampling_params.prompt_logprobs is None:  # prompt logprobs need every position
                 hits, num_hit_tokens = self.kv.get_computed_blocks(request)
@@ -148,6 +158,8 @@ class Scheduler:
             budget -= num_new
             prefill_budget -= num_new
 
+        self.waiting.extendleft(reversed(not_ready))
+
         # Advance now, so the next schedule() may run before this step's results are in.
         for request in scheduled:
             request.num_computed_tokens += out.num_scheduled_tokens[request.request_id]
@@ -167,7 +179,7 @@ class Scheduler:
             for token_id in token_ids:
                 request.append_output_token_ids([token_id])
                 new_tokens.append(token_id)
-                if self._check_stop(request):
+                if self._check_stop(request) or (request.grammar is not None and self._advance_grammar(request)):
                     self.running.remove(request)
                     self._finish(request, request.status)
                     break
@@ -201,6 +213,8 @@ class Scheduler:
         out.num_scheduled_tokens[request.request_id] = num_new
         out.total_num_scheduled_tokens += num_new
         scheduled.append(request)
+        if request.grammar is not None and request.num_computed_tokens + num_new == request.num_tokens:
+            out.grammar_req_ids.append(request.request_id)  # it samples this step, under its grammar
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.kv.free(request)
@@ -224,6 +238,19 @@ class Scheduler:
             request.status = RequestStatus.FINISHED_STOPPED
             if last in params.stop_token_ids:
                 request.stop_reason = last
+            return True
+        return False
+
+    def _advance_grammar(self, request: Request) -> bool:
+        """Feed the last token to the request's grammar; sets the finished status and returns True
+        when the grammar is complete ("stop") or rejects the token (which the mask should prevent)."""
+        if not request.grammar.accept(request.output_token_ids[-1]):
+            logger.warning("Request %s: its grammar rejected token %d; aborting it.",
+                           request.request_id, request.output_token_ids[-1])  # fmt: skip
+            request.status = RequestStatus.FINISHED_ABORTED
+            return True
+        if request.grammar.is_terminated():
+            request.status = RequestStatus.FINISHED_STOPPED
             return True
         return False
 

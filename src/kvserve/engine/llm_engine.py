@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent import futures
 from typing import Optional, Union
 
 from kvserve.config import EngineConfig
@@ -18,6 +19,7 @@ from kvserve.engine.tokenizer import load_tokenizer
 from kvserve.inputs import PromptType
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
+from kvserve.structured_output import GrammarState, StructuredOutputManager
 from kvserve.worker.model_runner import ModelRunner, kv_cache_bytes_per_block
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,12 @@ class LLMEngine:
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(config.model.eos_token_ids)
+        self.structured_output = StructuredOutputManager(
+            self.tokenizer, config.model.vocab_size, sorted(self.eos_token_ids)
+        )
+        # Child requests whose grammar was still compiling when they were added (the scheduler holds
+        # them back until it is ready); a failed compile aborts them.
+        self._compiling: dict[str, GrammarState] = {}
         self._parents: dict[str, ParentRequest] = {}
         self._children: dict[str, list[str]] = {}  # parent id -> child ids
 
@@ -87,9 +95,13 @@ class LLMEngine:
                     child_params.seed = params.seed + index
             child_id = request_id if params.n == 1 else f"{index}_{request_id}"
             children.append((child_id, index, child_params))
+        # Each child has its own grammar state (one compiled grammar); a known compile error raises here.
+        grammars = [self._new_grammar(p) for _, _, p in children]
         # Children share length limits: if the first is accepted, all are (a rejection queues nothing).
-        for child_id, _, child_params in children:
-            self.scheduler.add_request(Request(child_id, token_ids, child_params, max_tokens, arrival_time))
+        for (child_id, _, child_params), grammar in zip(children, grammars):
+            self.scheduler.add_request(Request(child_id, token_ids, child_params, max_tokens, arrival_time, grammar))
+            if grammar is not None and not grammar.is_ready():
+                self._compiling[child_id] = grammar
         for child_id, index, child_params in children:
             self.output_processor.add_request(parent, child_id, index, child_params)
         self._parents[request_id] = parent
@@ -103,6 +115,8 @@ class LLMEngine:
         outputs = self.output_processor.abort(child_ids)
         for rid in ids:
             self._forget(rid)
+        for child_id in child_ids:
+            self._compiling.pop(child_id, None)
         return outputs
 
     def has_unfinished_requests(self) -> bool:
@@ -113,12 +127,20 @@ class LLMEngine:
 
     # --- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        failed = self._abort_failed_grammars() if self._compiling else []
         sched_out = self.scheduler.schedule()
+        if sched_out.grammar_req_ids:
+            sched_out.grammar_bitmask = self.structured_output.grammar_bitmask(
+                self.scheduler.requests, sched_out.grammar_req_ids
+            )
         runner_out = self.runner.execute_model(sched_out)
         if sched_out.is_empty:
-            return []
+            if self._compiling and not failed:  # nothing to run until a grammar is ready: wait for one
+                futures.wait([g.future for g in self._compiling.values()], 0.05, futures.FIRST_COMPLETED)
+            return failed
         updates = self.scheduler.update_from_output(sched_out, runner_out.sampled)
         outputs, stopped = self.output_processor.process(updates, runner_out)
+        outputs = failed + outputs
         for child_id, stop_str in stopped:
             self.scheduler.finish_requests([child_id], RequestStatus.FINISHED_STOPPED, stop_str)
         for out in outputs:
@@ -127,6 +149,29 @@ class LLMEngine:
         return outputs
 
     # --- internals ----------------------------------------------------------------------------
+    def _new_grammar(self, params: SamplingParams) -> Optional[GrammarState]:
+        if params.structured_outputs is None:
+            return None
+        return self.structured_output.request_grammar(params.structured_outputs)
+
+    def _abort_failed_grammars(self) -> list[RequestOutput]:
+        """Forget compiled grammars' requests from _compiling; abort those whose grammar failed."""
+        done = [cid for cid, grammar in self._compiling.items() if grammar.future.done()]
+        failed = []
+        for child_id in done:
+            error = self._compiling.pop(child_id).error
+            if error is not None:
+                logger.error("Request %s aborted: %s", child_id, error)
+                failed.append(child_id)
+        if not failed:
+            return []
+        self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ABORTED)
+        outputs = self.output_processor.abort(failed)
+        for out in outputs:
+            if out.finished:
+                self._forget(out.request_id)
+        return outputs
+
     def _forget(self, request_id: str) -> None:
         self._parents.pop(request_id, None)
         self._children.pop(request_id, None)

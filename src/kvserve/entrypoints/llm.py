@@ -113,6 +113,11 @@ class LLM:
 
     def _run(self, prompts: list[PromptType], params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
+        # Grammars first, each distinct one once (in parallel): a constraint that does not compile
+        # raises its ValueError before anything is queued.
+        constraints = [p.structured_outputs for p in params_list if p.structured_outputs is not None]
+        for future in [engine.structured_output.submit(c) for c in constraints]:
+            future.result()
         ids = []
         try:
             for prompt, params in zip(prompts, params_list):

@@ -22,6 +22,7 @@ from kvserve.forward_context import set_forward_context
 from kvserve.layers.attention import Attention
 from kvserve.model.loader import load_model
 from kvserve.ops.cpu_layers import CpuLayerStack
+from kvserve.worker.grammar_mask import apply_grammar_bitmask
 from kvserve.worker.input_batch import InputBatch, StepBatch
 from kvserve.worker.sampler import Sampler, SamplerOutput, gather_logprobs
 from kvserve.worker.sampling_metadata import SamplingMetadata
@@ -116,7 +117,7 @@ class ModelRunner:
         starts = meta.query_start_loc_host  # [B + 1]: request b's rows are starts[b]:starts[b + 1]
         results = {}
         if batch.sampling_rows:
-            results["sample"] = self._sample(batch, starts, hidden)
+            results["sample"] = self._sample(batch, sched_out, starts, hidden)
         if batch.prompt_logprob_spans:
             results["prompt"] = self._prompt_logprobs(batch, starts.tolist(), hidden)
         results = _to_host(results, self.device)
@@ -128,13 +129,18 @@ class ModelRunner:
             self._record_prompt_logprobs(batch, results["prompt"], out)
         return out
 
-    def _sample(self, batch: StepBatch, starts: torch.Tensor, hidden: torch.Tensor) -> SamplerOutput:
+    def _sample(
+        self, batch: StepBatch, sched_out: SchedulerOutput, starts: torch.Tensor, hidden: torch.Tensor
+    ) -> SamplerOutput:
         rows = (starts[1:][batch.sampling_rows] - 1).to(self.device)  # last row of each sampling request
         n, buffer = rows.shape[0], self._logits_buffer
         if buffer is not None and buffer.shape[0] < n:
             buffer = self._logits_buffer = buffer.new_empty(n, buffer.shape[1])
         # [S, V] float32 or the model dtype; read only by this step's sampler
         logits = self.model.compute_logits(hidden[rows], upcast=False, out=None if buffer is None else buffer[:n])
+        if sched_out.grammar_bitmask is not None:  # only when some row samples under a grammar
+            row_of = {batch.req_ids[b]: i for i, b in enumerate(batch.sampling_rows)}
+            apply_grammar_bitmask(logits, sched_out.grammar_bitmask, [row_of[r] for r in sched_out.grammar_req_ids])
         states = [self.input_batch.requests[batch.req_ids[b]] for b in batch.sampling_rows]
         meta = SamplingMetadata.build(
             [s.sampling_params for s in states],
