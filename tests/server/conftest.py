@@ -17,6 +17,8 @@ import httpx
 import pytest
 
 TINY_ARGS = ["--dtype", "float32", "--kv-cache-memory-bytes", str(64 << 20)]
+DEFAULT_MODEL_NAME = "smollm2"
+DEFAULT_ENGINE = {"max_model_len": 2048, "kv_cache_memory_bytes": 256 << 20}
 
 
 @dataclass
@@ -97,3 +99,23 @@ def tiny_server(tiny_llama_dir, tmp_path_factory):
     )
     yield server
     assert server.stop() == 0, server.log()[-3000:]
+
+
+@pytest.fixture(scope="session")
+def default_server(tmp_path_factory):
+    """The default model served as DEFAULT_MODEL_NAME with DEFAULT_ENGINE's limits, started once for the
+    modules that drive it with clients (OpenAI and TGI features, structured output)."""
+    server = start_server(
+        ["--served-model-name", DEFAULT_MODEL_NAME, "--max-model-len", str(DEFAULT_ENGINE["max_model_len"]),
+         "--kv-cache-memory-bytes", str(DEFAULT_ENGINE["kv_cache_memory_bytes"])],
+        tmp_path_factory.mktemp("default-server"),
+    )  # fmt: skip
+    yield server
+    assert server.stop() == 0, server.log()[-3000:]
+
+
+@pytest.fixture(scope="session")
+def default_client(default_server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{default_server.url}/v1", api_key="unused", max_retries=0)

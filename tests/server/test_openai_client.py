@@ -6,33 +6,26 @@ from __future__ import annotations
 import json
 
 import httpx
-import openai
 import pytest
 
 from kvserve import SamplingParams
 
-from .conftest import start_server
+from .conftest import DEFAULT_ENGINE, DEFAULT_MODEL_NAME
 
-MODEL = "smollm2"
-ENGINE = {"max_model_len": 2048, "kv_cache_memory_bytes": 256 << 20}
+MODEL = DEFAULT_MODEL_NAME
+ENGINE = DEFAULT_ENGINE
 PROMPT = "The capital of France is"
 CHAT = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Name three colors."}]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start_server(
-        ["--served-model-name", MODEL, "--max-model-len", str(ENGINE["max_model_len"]),
-         "--kv-cache-memory-bytes", str(ENGINE["kv_cache_memory_bytes"])],
-        tmp_path_factory.mktemp("default-server"),
-    )  # fmt: skip
-    yield srv
-    assert srv.stop() == 0
+def server(default_server):
+    return default_server
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+def client(default_client):
+    return default_client
 
 
 @pytest.fixture(scope="module")

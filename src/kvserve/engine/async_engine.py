@@ -133,6 +133,7 @@ class AsyncLLM:
         self._num_waiting = 0  # engine's waiting queue, as of the last callback
         self.tokenizer: Any = None  # set when ready
         self.config: Any = None  # the frozen EngineConfig, set when ready
+        self.structured_output: Any = None  # the engine's StructuredOutputManager (thread-safe), when ready
         self.load_seconds: Optional[float] = None
 
     # --- lifecycle (loop thread) ------------------------------------------------------------------
@@ -174,8 +175,13 @@ class AsyncLLM:
         """Queue a request; returns its stream once the engine accepted it.
 
         Raises EngineNotReadyError / EngineDeadError / QueueFullError before anything is sent, and the
-        engine's ValueError if it rejects the request (then nothing was queued)."""
+        engine's ValueError if it rejects the request (then nothing was queued). A request with a
+        structured-output constraint first waits here for its grammar (compiled once, on the grammar
+        threads): a constraint that does not compile is a ValueError, and the engine thread never waits."""
         self._check_usable()
+        if params.structured_outputs is not None:
+            # shielded: a client that leaves must not cancel a compile other requests share
+            await asyncio.shield(asyncio.wrap_future(self.structured_output.submit(params.structured_outputs)))
         if self.max_queued_requests is not None and self.num_queued >= self.max_queued_requests:
             raise QueueFullError(f"{self.num_queued} requests are already waiting (max_queued_requests)")
         if request_id in self._streams:
@@ -215,8 +221,9 @@ class AsyncLLM:
         except RuntimeError:  # the loop is closed: the server is gone, nobody is listening
             pass
 
-    def _on_ready(self, tokenizer: Any, config: Any, seconds: float) -> None:
+    def _on_ready(self, tokenizer: Any, config: Any, structured_output: Any, seconds: float) -> None:
         self.tokenizer, self.config, self.load_seconds = tokenizer, config, seconds
+        self.structured_output = structured_output
         self._ready.set()
 
     def _on_failed(self, error: BaseException) -> None:
@@ -251,7 +258,8 @@ class AsyncLLM:
             logger.exception("Loading the engine failed")
             self._post(self._on_failed, e)
             return
-        self._post(self._on_ready, engine.get_tokenizer(), engine.config, time.perf_counter() - t0)
+        self._post(self._on_ready, engine.get_tokenizer(), engine.config, engine.structured_output,
+                   time.perf_counter() - t0)  # fmt: skip
         live: set[str] = set()  # requests the engine holds; engine-thread state
         try:
             while self._apply_commands(engine, live, block=not engine.has_unfinished_requests()):

@@ -1,13 +1,15 @@
 """Hugging Face text-generation-inference's native routes: POST /generate, POST /generate_stream (TGI's
-server-sent token events), GET /info. TGI's parameter names and defaults (greedy unless do_sample or a
-sampling knob is set; details on), TGI's finish reasons, and TGI's error shape (422 {"error", "error_type"}).
+server-sent token events), POST / (either, by `stream`, as TGI's router serves it and Hugging Face's
+`text_generation` client calls it), GET /info. TGI's parameter names and defaults (greedy unless do_sample
+or a sampling knob is set; details on), `grammar` (a JSON schema or a regex), TGI's finish reasons, and
+TGI's error shape (422 {"error", "error_type"}).
 The engine side is the OpenAI routes' (OpenAIServing), so both APIs share validation and abort rules."""
 from __future__ import annotations
 
 import json
 import time
 import uuid
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Literal, Optional, Union
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -18,8 +20,25 @@ from kvserve.engine.async_engine import RequestStream
 from kvserve.entrypoints.openai.errors import bad_request
 from kvserve.entrypoints.openai.serving_engine import EventStream, OpenAIServing, until_disconnect
 from kvserve.outputs import CompletionOutput, RequestOutput
+from kvserve.sampling_params import StructuredOutputsParams
 
-TGI_PATHS = frozenset({"/generate", "/generate_stream", "/info"})
+TGI_PATHS = frozenset({"/", "/generate", "/generate_stream", "/info"})
+
+
+class Grammar(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json", "json_object", "regex"] = Field(..., description="json (json_object): a JSON schema.")
+    value: Union[dict, str] = Field(..., description="The JSON schema (an object or JSON text), or the regex.")
+
+    def params(self) -> StructuredOutputsParams:
+        if self.type == "regex":
+            if not isinstance(self.value, str) or not self.value:
+                raise ValueError("grammar: a regex grammar's value is a non-empty string.")
+            return StructuredOutputsParams(regex=self.value)
+        if not self.value:
+            raise ValueError("grammar: a json grammar's value is a JSON schema.")
+        return StructuredOutputsParams(json=self.value)
 
 
 class GenerateParameters(BaseModel):
@@ -44,7 +63,7 @@ class GenerateParameters(BaseModel):
     typical_p: Optional[float] = Field(None, description="Not supported: null or 1.")
     watermark: bool = Field(False, description="Not supported: false.")
     adapter_id: Optional[str] = Field(None, description="Not supported: null.")
-    grammar: Optional[dict] = Field(None, description="Not supported: null.")
+    grammar: Optional[Grammar] = Field(None, description="Constrain the output to a JSON schema or a regex.")
 
 
 class GenerateRequest(BaseModel):
@@ -111,6 +130,21 @@ async def generate(body: GenerateRequest, raw_request: Request) -> Response:
 
 
 @router.post(
+    "/",
+    summary="Generate text, streamed or not by `stream` (TGI's root route)",
+    responses={200: {"content": {"application/json": {}, "text/event-stream": {}},
+                     "description": "A list holding one /generate response, or /generate_stream's events"}},
+)  # fmt: skip
+async def compat_generate(body: GenerateRequest, raw_request: Request) -> Response:
+    serving: TGIServing = raw_request.app.state.tgi
+    if body.parameters.return_full_text is None or "return_full_text" not in body.parameters.model_fields_set:
+        body.parameters.return_full_text = True  # TGI's default here for a text-generation model
+    if body.stream:
+        return await serving.generate_stream(body, raw_request)
+    return await serving.generate(body, raw_request, as_list=True)
+
+
+@router.post(
     "/generate_stream",
     summary="Generate text as server-sent token events (TGI)",
     responses={200: {"content": {"text/event-stream": {}}, "description": "`data:` StreamResponse events"}},
@@ -128,7 +162,8 @@ class TGIServing:
     def __init__(self, serving: OpenAIServing) -> None:
         self.serving = serving
 
-    async def generate(self, body: GenerateRequest, raw_request: Request) -> Response:
+    async def generate(self, body: GenerateRequest, raw_request: Request, as_list: bool = False) -> Response:
+        """/generate's JSON response; as_list: inside a one-element list, as TGI answers at /."""
         ids, stream = await self._start(body)
         p = body.parameters
 
@@ -151,8 +186,8 @@ class TGIServing:
                     finish_reason=_finish_reason(last), generated_tokens=len(tokens), seed=p.seed, prefill=prefill,
                     tokens=tokens, top_tokens=top_tokens if p.top_n_tokens else None,
                 )  # fmt: skip
-            return Response(GenerateResponse(generated_text=generated, details=details).model_dump_json(),
-                            media_type="application/json")  # fmt: skip
+            body_json = GenerateResponse(generated_text=generated, details=details).model_dump_json()
+            return Response(f"[{body_json}]" if as_list else body_json, media_type="application/json")
 
         return await until_disconnect(raw_request, collect(), [stream])
 
@@ -185,8 +220,8 @@ class TGIServing:
     async def _start(self, body: GenerateRequest) -> tuple[list[int], RequestStream]:
         arrival = time.monotonic()
         s, p = self.serving, body.parameters
-        if p.best_of not in (None, 1) or p.typical_p not in (None, 1.0) or p.watermark or p.adapter_id or p.grammar:
-            raise bad_request("best_of > 1, typical_p, watermark, adapter_id and grammar are not supported.")
+        if p.best_of not in (None, 1) or p.typical_p not in (None, 1.0) or p.watermark or p.adapter_id:
+            raise bad_request("best_of > 1, typical_p, watermark and adapter_id are not supported.")
         if p.temperature is not None and p.temperature <= 0:
             raise bad_request("`temperature` must be strictly positive; use do_sample: false for greedy.")
         if p.max_new_tokens is not None and p.max_new_tokens < 1:
@@ -197,6 +232,11 @@ class TGIServing:
             repetition_penalty=p.repetition_penalty or 1.0, frequency_penalty=p.frequency_penalty or 0.0,
             seed=p.seed, stop=p.stop,
         )  # fmt: skip
+        if p.grammar is not None:
+            try:
+                kwargs["structured_outputs"] = p.grammar.params()
+            except ValueError as e:
+                raise bad_request(str(e), param="grammar") from None
         params = s.sampling_params(
             kwargs, max_tokens=p.max_new_tokens, logprobs=p.top_n_tokens or 0,
             prompt_logprobs=0 if p.decoder_input_details else None,

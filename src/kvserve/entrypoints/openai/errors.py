@@ -25,7 +25,8 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "inval
 _PARAM_NAMES = {
     "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
     "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "stop", "stop_token_ids", "logit_bias", "seed",
-    "top_logprobs", "max_completion_tokens", "max_new_tokens", "prompt", "messages",
+    "top_logprobs", "max_completion_tokens", "max_new_tokens", "prompt", "messages", "structured_outputs",
+    "response_format",
 }  # fmt: skip
 
 
@@ -54,10 +55,11 @@ def bad_request(message: str, param: Optional[str] = None, code: str = "invalid_
 
 
 def from_value_error(error: Exception, code: str = "invalid_value") -> APIError:
-    """A 400 from a validation ValueError; `param` is the field its message starts with, if any."""
+    """A 400 from a validation ValueError; `param` is the field its message starts with, if any
+    ("structured_outputs.json does not compile: ..." names structured_outputs.json)."""
     message = str(error)
     first = message.split(" ", 1)[0].rstrip(":")
-    return APIError(400, message, param=first if first in _PARAM_NAMES else None, code=code)
+    return APIError(400, message, param=first if first.split(".", 1)[0] in _PARAM_NAMES else None, code=code)
 
 
 def model_not_found(name: str, served: Iterable[str]) -> APIError:

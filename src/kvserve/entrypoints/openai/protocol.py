@@ -7,6 +7,13 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from kvserve.entrypoints.openai.structured_outputs import (
+    JsonSchema,
+    ResponseFormat,
+    StructuredOutputsRequest,
+    structured_outputs_params,
+)
+
 
 class RequestModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -43,6 +50,13 @@ class SamplingRequest(RequestModel):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured output: at most one constraint among these (structured_outputs.py).
+    response_format: Optional[ResponseFormat] = Field(None, description="OpenAI's: json_object or json_schema.")
+    structured_outputs: Optional[StructuredOutputsRequest] = Field(None, description="vLLM's (in extra_body).")
+    guided_json: Optional[JsonSchema] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """The SamplingParams arguments these fields set (defaults where None); not max_tokens/logprobs."""
@@ -61,6 +75,11 @@ class SamplingRequest(RequestModel):
                 kwargs["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
             except ValueError:
                 raise ValueError("logit_bias keys must be token ids, e.g. {\"50256\": -100}.") from None
+        guided = {"guided_json": self.guided_json, "guided_regex": self.guided_regex,
+                  "guided_choice": self.guided_choice, "guided_grammar": self.guided_grammar}  # fmt: skip
+        constraint = structured_outputs_params(self.response_format, self.structured_outputs, guided)
+        if constraint is not None:
+            kwargs["structured_outputs"] = constraint
         return kwargs
 
 

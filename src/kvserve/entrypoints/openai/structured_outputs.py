@@ -1,0 +1,86 @@
+"""The request fields that constrain the output, merged into one StructuredOutputsParams: OpenAI's
+`response_format` (json_object, json_schema), vLLM's `structured_outputs` object (what clients send in
+`extra_body`) and vLLM's older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`.
+A request sets at most one constraint; several (or a structured_outputs object with none) are a 400
+naming the fields."""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvserve.sampling_params import STRUCTURED_OUTPUT_KINDS, StructuredOutputsParams
+
+JsonSchema = Union[dict[str, Any], str]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(..., description="The schema's name (OpenAI requires one).")
+    description: Optional[str] = None
+    json_schema: Optional[dict[str, Any]] = Field(None, alias="schema", description="The JSON schema.")
+    strict: Optional[bool] = Field(None, description="Accepted; the schema is always followed exactly.")
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class StructuredOutputsRequest(_Strict):
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object."""
+
+    json_: Optional[JsonSchema] = Field(None, alias="json", description="A JSON schema (object or string).")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = Field(None, description="The output is exactly one of these strings.")
+    grammar: Optional[str] = Field(None, description="An EBNF (GBNF) grammar; its start rule is `root`.")
+    json_object: Optional[bool] = Field(None, description="Any JSON object.")
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+
+    def constraints(self) -> dict[str, Any]:
+        values = {"json": self.json_, "regex": self.regex, "choice": self.choice, "grammar": self.grammar,
+                  "json_object": self.json_object}  # fmt: skip
+        return {k: v for k, v in values.items() if v not in (None, False)}
+
+
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def structured_outputs_params(
+    response_format: Optional[ResponseFormat],
+    structured_outputs: Optional[StructuredOutputsRequest],
+    guided: dict[str, Any],
+) -> Optional[StructuredOutputsParams]:
+    """The one constraint these fields set (guided: guided_* name -> value), or None. Raises ValueError
+    (a 400) naming the fields when several are set, or when structured_outputs sets none."""
+    found: list[tuple[str, str, Any]] = []  # (request field, kind, value)
+    options: dict[str, bool] = {}
+    if structured_outputs is not None:
+        set_kinds = structured_outputs.constraints()
+        if not set_kinds:
+            raise ValueError(
+                f"structured_outputs must set exactly one of {', '.join(STRUCTURED_OUTPUT_KINDS)}; it sets none."
+            )
+        found += [(f"structured_outputs.{kind}", kind, value) for kind, value in set_kinds.items()]
+        options = {
+            "disable_any_whitespace": structured_outputs.disable_any_whitespace,
+            "disable_additional_properties": structured_outputs.disable_additional_properties,
+        }
+    found += [(name, _GUIDED[name], value) for name, value in guided.items() if value is not None]
+    if response_format is not None and response_format.type == "json_object":
+        found.append(("response_format", "json_object", True))
+    elif response_format is not None and response_format.type == "json_schema":
+        if response_format.json_schema is None or response_format.json_schema.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema.schema.")
+        found.append(("response_format", "json", response_format.json_schema.json_schema))
+    if not found:
+        return None
+    if len(found) > 1:
+        names = ", ".join(name for name, _, _ in found)
+        raise ValueError(f"structured_outputs: give one output constraint; this request sets {len(found)}: {names}.")
+    _, kind, value = found[0]
+    return StructuredOutputsParams(**{kind: value}, **options)
