@@ -35,6 +35,13 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 512 
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the system (glibc malloc_trim), after a one-off peak such
+    as parsing a checkpoint; False without glibc."""
+    trim = _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+    return trim is not None and bool(trim(0))
+
+
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 
 

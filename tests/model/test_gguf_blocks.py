@@ -125,6 +125,37 @@ def test_default_model_keeps_its_blocks_at_about_the_file_size(default_models):
     assert weight_bytes <= 1.3 * os.path.getsize(path), (weight_bytes, os.path.getsize(path))
 
 
+_RSS_SCRIPT = """
+import sys
+def rss():
+    fields = dict(line.split(":") for line in open("/proc/self/status"))
+    return 1024 * sum(int(fields[k].split()[0]) for k in ("RssAnon", "RssFile"))
+from kvserve.model.config_loader import load_model_config
+from kvserve.model.loader import load_model
+from kvserve.ops import cpu_build
+cpu_build.load()
+del_me = load_model(load_model_config(sys.argv[2], dtype="float32"))  # the first load's one-off costs (libraries)
+del del_me
+before = rss()
+model = load_model(load_model_config(sys.argv[1], dtype="float32"))
+print(rss() - before)
+"""
+
+
+def test_default_model_resident_memory_is_about_the_file_size(tiny_gguf):
+    """What loading the default model adds to the process's resident memory (a fresh process: the
+    weights, what parsing the file leaves behind, allocator overhead) stays within 1.3x of the file."""
+    import subprocess
+    import sys
+
+    path = default_model_path()
+    if cpu_build.load() is None:
+        pytest.skip("GGUF blocks are kept only with the CPU kernels (KVSERVE_CPU_ISA=none dequantizes)")
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, path, tiny_gguf], capture_output=True, text=True, check=True)
+    added = int(out.stdout.split()[-1])
+    assert added <= 1.3 * os.path.getsize(path), (added / 1e6, os.path.getsize(path) / 1e6)
+
+
 def test_default_model_logits_match_the_dequantized_model(default_models):
     _, kept, dense = default_models
     ids = [1] + _prompt(30, seed=11, vocab=kept.config.vocab_size)
