@@ -148,3 +148,29 @@ def test_a_grammar_that_fails_to_compile(tiny_llm):
     with pytest.raises(ValueError, match="does not compile"):  # the engine knows it now: nothing is queued
         engine.add_request("bad", "hello", SamplingParams(structured_outputs=bad))
     assert not engine.has_unfinished_requests()
+
+
+def test_a_grammar_that_fails_while_its_request_waits_aborts_only_that_request(tiny_llm):
+    engine = tiny_llm.llm_engine
+    manager = engine.structured_output
+    original = manager._compile
+    release = threading.Event()
+
+    def failing_compile(params):
+        release.wait(30)
+        raise ValueError("structured_outputs.regex does not compile: test")
+
+    manager._compile = failing_compile
+    try:
+        engine.add_request("doomed", "hello", SamplingParams(max_tokens=4, structured_outputs=S(regex="doomed")))
+        engine.add_request("fine", "hello", SamplingParams(temperature=0, max_tokens=4))
+        release.set()
+        finished = {}
+        while engine.has_unfinished_requests():
+            finished.update({o.request_id: o for o in engine.step() if o.finished})
+        assert finished["doomed"].outputs[0].finish_reason == "abort"
+        assert finished["fine"].outputs[0].finish_reason == "length"
+        assert not engine._compiling and engine.get_num_unfinished_requests() == 0
+    finally:
+        manager._compile = original
+        release.set()

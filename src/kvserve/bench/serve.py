@@ -5,6 +5,10 @@ exactly --output-len tokens (ignore_eos, greedy), streamed from /v1/completions.
 --request-rate per second (Poisson arrivals; inf: all at once), at most --max-concurrency at a time.
 Prints TTFT / ITL / end-to-end latency (mean, p50, p99) and throughput. With --launch, it first starts
 `kvserve serve` itself and reports the time from launch to the first answered request.
+With --structured-json SCHEMA_FILE, a --constrained-fraction of the requests (spread evenly) follow that
+JSON schema (vLLM's structured_outputs); they may end early (the grammar completes), so output tokens
+are counted as served, and constrained and unconstrained requests are also reported apart. A schema
+that cannot be completed in --output-len tokens (e.g. an array with minItems) keeps lengths equal.
 """
 from __future__ import annotations
 
@@ -40,6 +44,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--launch", action="store_true", help="start `kvserve serve` on HOST:PORT first, stop it after")
     p.add_argument("--serve-args", default="", help="extra `kvserve serve` arguments with --launch, one string")
+    p.add_argument("--structured-json", default=None, metavar="SCHEMA_FILE",
+                   help="a JSON schema file: constrained requests follow it")
+    p.add_argument("--constrained-fraction", type=float, default=1.0,
+                   help="with --structured-json: the share of requests constrained (default: all)")
 
 
 @dataclass
@@ -50,6 +58,7 @@ class RequestResult:
     latency: float = 0.0
     output_tokens: int = 0
     error: str = ""
+    constrained: bool = False
 
 
 def run(args: argparse.Namespace) -> None:
@@ -74,18 +83,21 @@ async def _main(args: argparse.Namespace, base_url: str, startup: Optional[float
         card = (await client.get("/v1/models")).raise_for_status().json()["data"][0]
         model = args.model or card["id"]
         prompts = _random_prompts(args, args.tokenizer or card["root"])
+        constraints = _constraints(args)
         await _one(client, args.endpoint, model, prompts[0], 4)  # warm-up
+        if any(constraints):  # the grammar compiles once, before the clock starts
+            await _one(client, args.endpoint, model, prompts[0], 4, next(c for c in constraints if c))
         semaphore = asyncio.Semaphore(args.max_concurrency or args.num_prompts)
         rng = random.Random(args.seed)
 
-        async def limited(prompt: list[int]) -> RequestResult:
+        async def limited(prompt: list[int], constraint: Optional[dict]) -> RequestResult:
             async with semaphore:
-                return await _one(client, args.endpoint, model, prompt, args.output_len)
+                return await _one(client, args.endpoint, model, prompt, args.output_len, constraint)
 
         t0 = time.perf_counter()
         tasks = []
-        for prompt in prompts:
-            tasks.append(asyncio.create_task(limited(prompt)))
+        for prompt, constraint in zip(prompts, constraints):
+            tasks.append(asyncio.create_task(limited(prompt, constraint)))
             if args.request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
@@ -103,12 +115,27 @@ def _random_prompts(args: argparse.Namespace, tokenizer_path: str) -> list[list[
     return [[rng.choice(allowed) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
 
 
-async def _one(client, endpoint: str, model: str, prompt: list[int], output_len: int) -> RequestResult:
+def _constraints(args: argparse.Namespace) -> list[Optional[dict]]:
+    """Per request: the structured_outputs object it sends, or None. Constrained requests are spread
+    evenly: request i is constrained when floor((i + 1) * f) > floor(i * f)."""
+    if args.structured_json is None:
+        return [None] * args.num_prompts
+    with open(args.structured_json) as f:
+        constraint = {"json": json.load(f)}
+    frac = args.constrained_fraction
+    return [constraint if int((i + 1) * frac) > int(i * frac) else None for i in range(args.num_prompts)]
+
+
+async def _one(
+    client, endpoint: str, model: str, prompt: list[int], output_len: int, constraint: Optional[dict] = None
+) -> RequestResult:
     body = {
         "model": model, "prompt": prompt, "max_tokens": output_len, "ignore_eos": True, "temperature": 0.0,
         "stream": True, "stream_options": {"include_usage": True},
     }  # fmt: skip
-    result = RequestResult()
+    if constraint is not None:
+        body["structured_outputs"] = constraint
+    result = RequestResult(constrained=constraint is not None)
     start = last = time.perf_counter()
     try:
         async with client.stream("POST", endpoint, json=body) as response:
@@ -133,7 +160,8 @@ async def _one(client, endpoint: str, model: str, prompt: list[int], output_len:
                     result.itls.append(now - last)
                 last = now
         result.latency = time.perf_counter() - start
-        result.ok = result.output_tokens == output_len
+        # A constrained answer may end early (its grammar completes).
+        result.ok = result.output_tokens == output_len or (result.constrained and result.output_tokens > 0)
         if not result.ok:
             result.error = f"got {result.output_tokens} tokens, expected {output_len}"
     except Exception as e:  # noqa: BLE001 - one failed request is a result, not a crash
@@ -170,6 +198,13 @@ def _report(args, model: str, results: list[RequestResult], duration: float, sta
     stats("End-to-end Latency", "E2EL", ms([r.latency for r in ok]))
     if startup is not None:
         print(f"{'Startup to first answer (s):':<40}{startup:>10.2f}")
+    if any(r.constrained for r in results):
+        for title, group in (("constrained", [r for r in ok if r.constrained]),
+                             ("unconstrained", [r for r in ok if not r.constrained])):  # fmt: skip
+            itls = ms([v for r in group for v in r.itls]) or [float("nan")]
+            print(f"{f' {len(group)} {title} ':-^50}")
+            print(f"{'Output token throughput (tok/s):':<40}{sum(r.output_tokens for r in group) / duration:>10.2f}")
+            print(f"{'Median ITL (ms):':<40}{np.percentile(itls, 50):>10.2f}")
     print("=" * 50)
     for r in results:
         if not r.ok:
