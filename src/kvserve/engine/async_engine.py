@@ -180,8 +180,11 @@ class AsyncLLM:
         threads): a constraint that does not compile is a ValueError, and the engine thread never waits."""
         self._check_usable()
         if params.structured_outputs is not None:
-            # shielded: a client that leaves must not cancel a compile other requests share
-            await asyncio.shield(asyncio.wrap_future(self.structured_output.submit(params.structured_outputs)))
+            compiled = self.structured_output.submit(params.structured_outputs)
+            if not compiled.done():  # (a compiled one adds at once, with the requests sent beside it)
+                # shielded: a client that leaves must not cancel a compile other requests share
+                await asyncio.shield(asyncio.wrap_future(compiled))
+            compiled.result()  # its ValueError, if it does not compile
         if self.max_queued_requests is not None and self.num_queued >= self.max_queued_requests:
             raise QueueFullError(f"{self.num_queued} requests are already waiting (max_queued_requests)")
         if request_id in self._streams:
