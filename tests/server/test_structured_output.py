@@ -24,6 +24,8 @@ MODEL = DEFAULT_MODEL_NAME
 ASK = [{"role": "user", "content": "Report today's weather in Paris as JSON."}]
 PHONE = r"\(\d{3}\) \d{3}-\d{4}"
 YES_NO = 'root ::= answer "." \nanswer ::= "Yes" | "No"'
+# A Weather answer takes 20-45 tokens; the margin covers runs of whitespace, which JSON allows anywhere.
+MAX_JSON_TOKENS = 160
 
 
 class Weather(BaseModel):
@@ -34,7 +36,8 @@ class Weather(BaseModel):
 
 
 def chat(client, messages=ASK, **kwargs):
-    return client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=100, **kwargs)
+    kwargs.setdefault("max_completion_tokens", MAX_JSON_TOKENS)
+    return client.chat.completions.create(model=MODEL, messages=messages, **kwargs)
 
 
 def complete(client, **kwargs):
@@ -42,12 +45,14 @@ def complete(client, **kwargs):
 
 
 def test_parse_into_a_pydantic_model_greedy_and_with_20_seeds(default_client):
-    parse = default_client.chat.completions.parse
-    greedy = parse(model=MODEL, messages=ASK, response_format=Weather, temperature=0, max_completion_tokens=100)
+    def parse(**kwargs):
+        return default_client.chat.completions.parse(
+            model=MODEL, messages=ASK, response_format=Weather, max_completion_tokens=MAX_JSON_TOKENS, **kwargs
+        )
+
+    greedy = parse(temperature=0)
     assert isinstance(greedy.choices[0].message.parsed, Weather) and greedy.choices[0].finish_reason == "stop"
-    # One request: 20 choices sampled with seeds 0..19, all in one batch.
-    sampled = parse(model=MODEL, messages=ASK, response_format=Weather, temperature=1.0, seed=0, n=20,
-                    max_completion_tokens=100)  # fmt: skip
+    sampled = parse(temperature=1.0, seed=0, n=20)  # one request: 20 choices, seeds 0..19, in one batch
     assert len(sampled.choices) == 20
     for choice in sampled.choices:
         assert isinstance(choice.message.parsed, Weather), choice.message.content
@@ -97,7 +102,7 @@ def test_tgi_grammar_through_the_text_generation_client_on_the_root_route(defaul
     phone = tgi.generate("Call me at", max_new_tokens=20, grammar=regex)
     assert re.fullmatch(PHONE, phone.generated_text) and phone.details.finish_reason == "eos_token"
     weather = Grammar(type="json", value=Weather.model_json_schema())
-    answer = tgi.generate("Paris weather as JSON:", max_new_tokens=100, grammar=weather)
+    answer = tgi.generate("Paris weather as JSON:", max_new_tokens=MAX_JSON_TOKENS, grammar=weather)
     Weather.model_validate_json(answer.generated_text)
     events = list(tgi.generate_stream("Call me at", max_new_tokens=20, grammar=regex))
     assert "".join(e.token.text for e in events if not e.token.special) == events[-1].generated_text
@@ -125,7 +130,7 @@ def test_offline_generate_gives_the_servers_answers(default_client):
         (StructuredOutputsParams(grammar=YES_NO), lambda text: text in ("Yes.", "No.")),
         (StructuredOutputsParams(json_object=True), lambda text: isinstance(json.loads(text), dict)),
     ]
-    params = [SamplingParams(temperature=0, max_tokens=100, structured_outputs=c) for c, _ in cases]
+    params = [SamplingParams(temperature=0, max_tokens=MAX_JSON_TOKENS, structured_outputs=c) for c, _ in cases]
     ask = llm.get_tokenizer().apply_chat_template(ASK, tokenize=False, add_generation_prompt=True)
     outputs = llm.generate(["Call me at"] + [ask] * (len(cases) - 1), params, use_tqdm=False)
     for (_, check), out in zip(cases, outputs):
