@@ -152,22 +152,31 @@ def test_a_preempted_request_keeps_its_grammar_state_and_is_never_refed():
     assert grammars["a"].accepted == [7] * 11 and grammars["b"].accepted == [7] * 11
 
 
-# --- the bitmask: xgrammar's CPU kernel against the torch reference ---------------------------------
+# --- the bitmask: the CPU path against the torch reference and xgrammar's own kernel ----------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bitmask_kernel_matches_the_reference_and_leaves_other_rows_alone(dtype):
+def test_bitmask_matches_the_reference_and_xgrammar_and_leaves_other_rows_alone(dtype):
+    from xgrammar.kernels.apply_token_bitmask_inplace_cpu import apply_token_bitmask_inplace_cpu
+
     from kvserve.worker.grammar_mask import apply_grammar_bitmask, apply_grammar_bitmask_reference
 
     g = torch.Generator().manual_seed(0)
-    vocab, rows = 1000, [3, 0]
+    vocab, rows = 1000, [3, 0, 4]
     logits = torch.randn(5, vocab, generator=g).to(dtype)
-    bitmask = torch.randint(-(2**31), 2**31 - 1, (2, (vocab + 31) // 32), generator=g, dtype=torch.int32)
-    fast, ref = logits.clone(), logits.clone()
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, (vocab + 31) // 32), generator=g, dtype=torch.int32)
+    bitmask[1] = 0
+    bitmask[1, 2] = 1 << 7  # one token allowed: 71
+    bitmask[2] = -1  # every token allowed
+    fast, ref, xgr = logits.clone(), logits.clone(), logits.clone()
     apply_grammar_bitmask(fast, bitmask, rows)
     apply_grammar_bitmask_reference(ref, bitmask, rows)
-    assert torch.equal(fast, ref)
-    assert torch.equal(fast[[1, 2, 4]], logits[[1, 2, 4]])  # rows without a grammar: untouched
+    full = torch.full((5, bitmask.shape[1]), -1, dtype=torch.int32)
+    full[rows] = bitmask
+    apply_token_bitmask_inplace_cpu(xgr, full, vocab, rows)
+    assert torch.equal(fast, ref) and torch.equal(fast, xgr)
+    assert torch.equal(fast[[1, 2, 4]], logits[[1, 2, 4]])  # rows without a grammar, or allowing all: untouched
+    assert torch.isfinite(fast[0]).nonzero().flatten().tolist() == [71]
     token = 37  # word 1, bit 5
     assert torch.isinf(fast[3, token]).item() != bool((int(bitmask[0, 1]) >> 5) & 1)
 
