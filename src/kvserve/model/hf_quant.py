@@ -47,11 +47,11 @@ def prepare(model: nn.Module, config: ModelConfig, names: Iterable[str]) -> Opti
     if config.quantization in ("awq", "gptq"):
         quantized = {n[: -len(".qweight")] for n in names if n.endswith(".qweight")}
         modules = _modules_of(model, quantized)
+        settings = _settings(config)
         for module in modules.values():
             keep_linear_quantized(module, Q4_Z)
         logger.info("%s: %d linear weights kept as int4 (Q4_Z blocks, group %s); the rest in %s", config.quantization,
-                    len(quantized), _settings(config)["group_size"], config.dtype)  # fmt: skip
-        settings = _settings(config)
+                    len(quantized), settings["group_size"], config.dtype)  # fmt: skip
         return lambda weights: _int4_modules(weights, config.quantization, settings)
     return None
 
