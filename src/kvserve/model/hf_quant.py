@@ -125,19 +125,18 @@ def _to_blocks(parts: dict[str, torch.Tensor], method: str, settings: dict, modu
     """One module's AWQ / GPTQ tensors -> Q4_Z blocks [out, in / 128 * 68]."""
     scales = parts["scales"]  # [groups, out] float16
     if method == "awq":
-        q = _unpack_columns(parts["qweight"], AWQ_SHIFTS)  # [in, out]
+        q = _unpack_columns(parts["qweight"], AWQ_SHIFTS).t()  # [in, out] -> [out, in]
         zeros = _unpack_columns(parts["qzeros"], AWQ_SHIFTS)  # [groups, out]
     else:
         sequential = tuple(range(0, 32, 4))
-        packed = parts["qweight"].to(torch.int32)  # [in / 8, out]: input row 8 i + j at bits 4 j
-        q = ((packed.unsqueeze(1) >> torch.tensor(sequential, dtype=torch.int32).view(1, 8, 1)) & 15).reshape(-1, packed.shape[1])
+        q = _unpack_columns(parts["qweight"].t(), sequential)  # [in / 8, out], input 8 i + j at bits 4 j -> [out, in]
         zeros = _unpack_columns(parts["qzeros"], sequential)
         if settings["zeros_minus_one"]:  # GPTQ v1 stores zero - 1 (as AutoGPTQ reads it back: + 1, 4 bits)
             zeros = (zeros + 1) & 15
         g_idx = parts.get("g_idx")
         if g_idx is not None:
-            in_features, groups = q.shape[0], scales.shape[0]
+            in_features, groups = q.shape[1], scales.shape[0]
             if not torch.equal(g_idx.long(), torch.arange(in_features) // (in_features // groups)):
                 raise ValueError(f"{module}: GPTQ with act-order (desc_act) is not supported; quantize with desc_act=False")
-    return quant_pack.pack_q4_z(q.t().contiguous(), scales.t().contiguous(), zeros.t().contiguous())
+    return quant_pack.pack_q4_z(q.contiguous(), scales.t().contiguous(), zeros.t().contiguous())
 
