@@ -15,6 +15,10 @@ XGRAMMAR := xgrammar==0.2.9
 # back to 4.x; it only uses requests/aiohttp/pydantic (and hub's build_hf_headers, still there), so it
 # is installed without dependencies and aiohttp comes from the test extra.
 TGI_CLIENT := text_generation==0.7.0
+# Triton, for the tests only: the GPU attention kernels run under its interpreter (TRITON_INTERPRET=1)
+# on the CPU. No dependencies (torch stays the pinned CPU wheel); where no wheel installs, their tests
+# are skipped with that reason. A triton already there (a GPU build of torch brings its own) is kept.
+TRITON := triton==3.9.0
 
 .PHONY: install install-test serve test bench clean
 
@@ -32,9 +36,11 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m kvserve.ops.cpu_build
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(VENV)/.installed Makefile
 	$(PIP) -e '.[structured,test]'
 	$(PIP) --no-deps $(TGI_CLIENT)
+	$(PY) -c 'import triton' 2>/dev/null || $(PIP) --no-deps $(TRITON) || \
+		echo "$(TRITON) does not install here: the Triton kernel tests will be skipped"
 	touch $@
 
 install: $(VENV)/.installed

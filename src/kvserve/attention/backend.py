@@ -38,9 +38,16 @@ class AttentionBackend(ABC):
 
 def get_attention_backend(device: str, dtype: torch.dtype = torch.float32) -> AttentionBackend:
     """The fastest backend that applies: the CPU kernels on a CPU (float32/bfloat16, when the
-    library builds), else the torch-native reference. GPU kernels plug in here."""
+    library builds), the Triton kernels on a GPU (CUDA or ROCm, when triton imports), else the
+    torch-native reference."""
     from kvserve.attention.torch_ref import TorchAttentionBackend
 
+    if torch.device(device).type == "cuda":  # ROCm builds of torch name their GPUs "cuda" too
+        try:
+            from kvserve.attention.triton_attn import TritonAttentionBackend
+        except ImportError:
+            return TorchAttentionBackend()
+        return TritonAttentionBackend()
     if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         from kvserve.ops import cpu_build
 

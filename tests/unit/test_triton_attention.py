@@ -1,0 +1,194 @@
+"""The Triton attention backend under Triton's interpreter (float32) against the torch reference.
+
+Triton reads TRITON_INTERPRET when it is imported (its own library functions are decorated then),
+and another test may already have imported it in this process (xgrammar can), so the kernels run in
+one spawned worker process whose environment sets it; this process imports triton only to compile
+the kernels for GPU targets, which needs no GPU. Shapes are tiny: the interpreter runs each program
+in numpy.
+"""
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+import torch
+
+from kvserve.attention.backend import get_attention_backend
+from kvserve.attention.metadata import build_attention_metadata
+from kvserve.attention.torch_ref import TorchAttentionBackend
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed (make install-test installs it)"
+)
+
+# Four requests over three steps (block ids drawn at random, so tables have holes; unused slots NaN):
+# r0: a 10-token prompt, a decode, a 3-token chunk; r1: 5 tokens after 8 cached ones that are r0's
+# (its table starts with r0's blocks: a shared prefix); r2: a 3-token prompt, then decodes; r3: a
+# 33-token prompt, a decode, a 6-token chunk (the longest context: several tiles, several segments).
+LENGTHS = [14, 13, 5, 40]
+PREFIX = 8  # r1's first 8 tokens are r0's
+STEPS = [
+    {0: (0, 10), 2: (0, 3), 3: (0, 33)},
+    {0: (10, 11), 1: (8, 13), 2: (3, 4), 3: (33, 34)},
+    {0: (11, 14), 2: (4, 5), 3: (34, 40)},
+]
+
+
+def _interpret() -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    """One worker process with TRITON_INTERPRET=1 for the whole module (it imports torch once)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_interpret) as pool:
+        yield pool
+
+
+def run_steps(hq: int, hkv: int, d: int, bs: int, split: bool):
+    """In the worker: the three steps through the Triton backend (cache filled with NaN) and the
+    reference (cache filled with 50.0: finite, as it needs). Returns per step (triton out, reference
+    out), both final caches, and the most segments any step's plan used."""
+    from kvserve.attention.triton_attn import TritonAttentionBackend
+
+    torch.manual_seed(0)
+    num_blocks = 48
+    free = torch.randperm(num_blocks).tolist()
+    tables = [[free.pop() for _ in range(-(-n // bs))] for n in LENGTHS]
+    tables[1][: PREFIX // bs] = tables[0][: PREFIX // bs]
+    ks, vs, qs = ([torch.randn(n, h, d) for n in LENGTHS] for h in (hkv, hkv, hq))
+    ks[1][:PREFIX], vs[1][:PREFIX] = ks[0][:PREFIX], vs[0][:PREFIX]
+    # Split on: segments of one 16-key tile wherever the step has fewer than 10,000 programs.
+    kwargs = dict(target_programs=10_000, min_segment_tiles=1, tile=16) if split else dict(max_segments=1)
+    triton_backend, reference = TritonAttentionBackend(**kwargs), TorchAttentionBackend()
+    cache = torch.full((2, num_blocks, bs, hkv, d), float("nan"))
+    ref_cache = torch.full_like(cache, 50.0)
+    outs, segments = [], 1
+    for step in STEPS:
+        reqs = sorted(step)
+        rows = [slice(*step[r]) for r in reqs]
+        q, k, v = (torch.cat([x[r][s] for r, s in zip(reqs, rows)]) for x in (qs, ks, vs))
+        meta_args = ([s.stop - s.start for s in rows], [s.stop for s in rows], [tables[r] for r in reqs], bs)
+        meta = build_attention_metadata(*meta_args)
+        triton_backend.prepare(meta)
+        out = triton_backend.forward(q, k, v, cache, meta, d**-0.5)
+        (plan,) = meta.backend_state.values()
+        segments = max(segments, plan.parts[1].shape[2] if plan.parts is not None else 1)
+        ref_meta = build_attention_metadata(*meta_args)
+        reference.prepare(ref_meta)
+        outs.append((out, reference.forward(q, k, v, ref_cache, ref_meta, d**-0.5)))
+    return outs, cache, ref_cache, segments
+
+
+@needs_triton
+@pytest.mark.parametrize("split", [False, True], ids=["one-pass", "split-kv"])
+@pytest.mark.parametrize(
+    "hq,hkv,d,bs",
+    [(2, 2, 64, 4), (8, 2, 64, 8), (4, 4, 128, 8), (8, 2, 128, 4), (6, 2, 80, 8)],
+    ids=["mha-64", "gqa4-64", "mha-128", "gqa4-128", "gqa3-80"],
+)
+def test_triton_backend_matches_reference(interpreter, hq, hkv, d, bs, split):
+    """Fresh prompts, decodes, chunks after cached context and after a shared prefix, ragged
+    lengths, tables with holes; blocks of 4 or 8 slots under 16-key tiles (one tile spans blocks).
+    Last, a group of 3 (16 rows hold 5 queries x 3 heads and one unused row) and a head size padded
+    to 128."""
+    outs, cache, ref_cache, segments = interpreter.submit(run_steps, hq, hkv, d, bs, split).result()
+    # Split: at most 40 keys, 3 tiles of 16, one per segment: 3 segments (not a power of two: the
+    # reduction masks a 4th), and the shorter requests' last segments empty.
+    assert segments == (3 if split else 1)
+    for out, expected in outs:
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # The step's k/v went to exactly the reference's slots; no other slot was written.
+    torch.testing.assert_close(torch.where(cache.isnan(), 50.0, cache), ref_cache, atol=0, rtol=0)
+
+
+def generate_greedy(model_dir: str, triton_backend: bool):
+    """In the worker: the tiny model's greedy tokens and logprobs through the engine (CPU), its
+    attention through the Triton backend (split-KV forced on) or the one the CPU gets."""
+    from kvserve import LLM, SamplingParams
+    from kvserve.attention.triton_attn import TritonAttentionBackend
+    from kvserve.worker import model_runner
+
+    choose = model_runner.get_attention_backend
+    if triton_backend:  # the worker lives on: put the runner's choice back after the engine is built
+        model_runner.get_attention_backend = lambda device, dtype: TritonAttentionBackend(
+            target_programs=10_000, min_segment_tiles=1, tile=16
+        )
+    try:
+        llm = LLM(model_dir, dtype="float32", device="cpu", kv_cache_memory_bytes=16 << 20, max_num_seqs=4)
+    finally:
+        model_runner.get_attention_backend = choose
+    assert (llm.llm_engine.runner.backend.name == "triton") == triton_backend
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "def fibonacci(n):", "Once upon a time"]
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=1, ignore_eos=True)
+    outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    return [(list(c.token_ids), [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]) for c in outs]
+
+
+@needs_triton
+def test_engine_through_triton_backend_gives_the_same_greedy_tokens(interpreter, tiny_llama_dir):
+    """The runner with the Triton backend (its blocks never zeroed: it asks for none) over prompts
+    and decodes: the same tokens as the CPU's backend, logprobs within float32 rounding."""
+    got, want = (interpreter.submit(generate_greedy, tiny_llama_dir, t).result() for t in (True, False))
+    for (ids, lps), (want_ids, want_lps) in zip(got, want):
+        assert ids == want_ids
+        torch.testing.assert_close(torch.tensor(lps), torch.tensor(want_lps), atol=1e-4, rtol=0)
+
+
+# What each kernel argument is, for compiling without launching.
+ARG_TYPES = {
+    "block_tables_ptr": "*i64", "seq_lens_ptr": "*i64", "query_start_ptr": "*i64", "slot_ptr": "*i64",
+    "part_out_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "scale_log2": "fp32",
+    "num_reqs": "i32", "num_segments": "i32", "stride_qt": "i32", "stride_qh": "i32", "stride_bt": "i32",
+    "stride_k": "i32", "stride_v": "i32", "v_offset": "i64",
+}  # fmt: skip
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("backend,arch", [("cuda", 90), ("hip", "gfx942")], ids=["sm90", "gfx942"])
+def test_kernels_compile_for_gpus(backend, arch):
+    """Each kernel, as the backend launches it (bfloat16 GQA 4:1 head size 128 split; float32 one
+    pass, a group of 3, head size 80), compiles to a CUDA (H100) or ROCm (MI300) binary: no GPU needed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kvserve.attention import triton_kernels as kernels
+
+    target = GPUTarget(backend, arch, 32 if backend == "cuda" else 64)  # warp size
+
+    def compile_kernel(fn, dtype: str, consts: dict):
+        types = {n: ARG_TYPES.get(n, f"*{dtype}") for n in fn.arg_names}  # the rest: q, k, v, cache, out
+        sig = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
+        return triton.compile(ASTSource(fn, sig, consts), target=target)
+
+    binary = "cubin" if backend == "cuda" else "hsaco"
+    variants = [(torch.bfloat16, "bf16", (8, 2, 128), True), (torch.float32, "fp32", (6, 2, 80), False)]
+    for dtype, name, (hq, hkv, d), split in variants:
+        consts = kernels.attention_constants(dtype, hq, hkv, d, block_size=16, block_m=16, tile=32, split=split)
+        assert binary in compile_kernel(kernels._attention_kernel, name, consts).asm
+    assert binary in compile_kernel(kernels._reduce_kernel, "bf16", kernels.reduce_constants(128, 5)).asm
+    assert binary in compile_kernel(kernels._write_kv_kernel, "bf16", kernels.write_constants(2, 128)).asm
+
+
+def choose_backend_on_gpu() -> str:
+    """In the worker: the backend a CUDA (or ROCm) device gets where triton imports."""
+    return get_attention_backend("cuda", torch.bfloat16).name
+
+
+@needs_triton
+def test_gpu_gets_triton_backend_when_triton_imports(interpreter):
+    assert interpreter.submit(choose_backend_on_gpu).result() == "triton"
+
+
+def test_gpu_falls_back_to_reference_without_triton(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    monkeypatch.delitem(sys.modules, "kvserve.attention.triton_attn", raising=False)
+    monkeypatch.delitem(sys.modules, "kvserve.attention.triton_kernels", raising=False)
+    assert get_attention_backend("cuda", torch.bfloat16).name == "torch"
+    assert get_attention_backend("cpu", torch.float32).name in ("cpu", "torch")
