@@ -4,11 +4,14 @@ Usage: `python benchmarks/gpu_check.py prepare DIR` (on the CPU box: writes a ti
 its tokenizer and the CPU engine's greedy outputs into DIR), then
 `python benchmarks/gpu_check.py check DIR` on a CUDA machine. Prints one line per prompt and
 exits 1 on any mismatch. Needs no downloads: the tiny model is built from a seed.
+`python benchmarks/gpu_check.py --device cpu|cuda` does both in one run, in a temporary folder: on
+a CPU it runs the whole check (no Triton there: the CPU's attention backend), to see that it runs.
 """
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,11 +43,11 @@ def prepare(folder: str) -> None:
     print(f"wrote {folder}")
 
 
-def check(folder: str) -> int:
+def check(folder: str, device: str = "cuda") -> int:
     import torch
 
     expected = json.loads((Path(folder) / "cpu_outputs.json").read_text())
-    results, elapsed = _run(folder, "cuda")
+    results, elapsed = _run(folder, device)
     bad = 0
     for i, (got, want) in enumerate(zip(results, expected)):
         same = got["ids"] == want["ids"]
@@ -52,11 +55,16 @@ def check(folder: str) -> int:
         ok = same and diff < 1e-3
         bad += not ok
         print(f"prompt {i}: tokens {'identical' if same else 'DIFFER'}, max |logprob diff| {diff:.2e}")
-    print(f"device {torch.cuda.get_device_name()}: {len(results)} prompts in {elapsed:.2f} s; mismatches: {bad}")
+    name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else device
+    print(f"device {name}: {len(results)} prompts in {elapsed:.2f} s; mismatches: {bad}")
     return 1 if bad else 0
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--device":  # prepare and check in one run
+        with tempfile.TemporaryDirectory() as tmp:
+            prepare(tmp)
+            sys.exit(check(tmp, sys.argv[2]))
     cmd, folder = sys.argv[1], sys.argv[2]
     if cmd == "prepare":
         prepare(folder)
