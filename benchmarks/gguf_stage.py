@@ -91,9 +91,12 @@ def serve_gguf(s: Settings, engine: str, gguf: Path, tag: str, loads: tuple[tupl
         name = served_model(server)
         for concurrency, prompts in loads:
             try:
+                # llama-server closes some of the client's kept-alive connections mid-run ("Server
+                # disconnected"; the issue's own figures had 63 of 64): counted and reported, not fatal.
                 result[f"c{concurrency}"] = load_test(
-                    s, f"g-{tag}-c{concurrency}-{engine}", server.base_url, concurrency, prompts, model=name
-                )
+                    s, f"g-{tag}-c{concurrency}-{engine}", server.base_url, concurrency, prompts, model=name,
+                    failures_ok=engine == "llamacpp",
+                )  # fmt: skip
             except StageError as e:  # the other concurrency still counts
                 print(f"  (g) {engine} {tag} at concurrency {concurrency} failed: {e}", file=sys.stderr, flush=True)
                 result[f"c{concurrency}"] = "failed"

@@ -144,4 +144,13 @@ def _gguf_targets(results: Results) -> str:
     form = _get(results, "g", "kvserve", "q4_1", "weights_form")
     if isinstance(form, str) and form.startswith("RSS"):
         lines[-1] += " (kvserve's figure is its whole RSS, KV cache included: its log had no weight line)"
+    for engine, name in (("kvserve", "kvserve"), ("llamacpp", "llama-server")):
+        for quant in ("q4_1", "q8_0"):
+            for concurrency in (1, 16):
+                run = _get(results, "g", engine, quant, f"c{concurrency}")
+                if isinstance(run, dict) and run.get("failed"):
+                    lines.append(
+                        f"- {name} {quant.upper()} c={concurrency}: {run['completed']} of {run['num_prompts']} requests"
+                        f" completed ({run['failed']} failed, see its log); its figures are over the completed ones"
+                    )
     return "\n".join(lines)
