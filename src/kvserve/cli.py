@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from kvserve.config import QUANTIZATIONS, SUPPORTED_DTYPES
+from kvserve.config import KV_CACHE_DTYPES, QUANTIZATIONS, SUPPORTED_DTYPES
 from kvserve.server_config import ConfigError, add_serve_args, build_server_config
 
 _STARTED_AT = time.monotonic()  # for `kvserve serve`'s "ready N s after start" line
@@ -28,6 +28,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="the KV cache's dtype (default: the activations'; bfloat16 under --dtype bfloat16 over "
+                   "quantized blocks, whose activations stay float32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
@@ -40,7 +43,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_batched_tokens_while_decoding=args.max_num_batched_tokens_while_decoding,
         block_size=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        seed=args.seed, device=args.device,
+        kv_cache_dtype=args.kv_cache_dtype, seed=args.seed, device=args.device,
     )  # fmt: skip
 
 

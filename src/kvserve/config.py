@@ -13,6 +13,11 @@ SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # "gguf" / "awq" / "gptq" = insist on that, "none" = dequantize every GGUF weight at load, "int8" /
 # "int4" = quantize a float checkpoint's linears at load (weight-only; model/hf_quant.py).
 QUANTIZATIONS = (None, "gguf", "none", "int8", "int4", "awq", "gptq")
+# Quantizations whose linears stay blocks computed by the CPU block kernels (float32 sums, any x dtype).
+BLOCK_QUANTIZATIONS = ("gguf", "int8", "int4", "awq", "gptq")
+# --kv-cache-dtype (vLLM's flag): "auto" = the model's activation dtype (or bfloat16 under a bf16
+# request over blocks: EngineArgs); else the cache's own (bfloat16 under float32 activations).
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
+    # The KV cache's dtype, resolved ("float32" / "bfloat16" / "float16"; never "auto"): the model's
+    # activation dtype, or bfloat16 under float32 activations, where attention runs in bf16.
+    cache_dtype: str = "float32"
     enable_prefix_caching: bool = True
     # Exact KV budget in bytes; when None, kv_cache_memory_fraction of available memory is used.
     kv_cache_memory_bytes: Optional[int] = None

@@ -1,11 +1,20 @@
 """EngineArgs: the user-facing knobs (vLLM's names), resolved once into a frozen EngineConfig."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Optional
 
-from kvserve.config import SUPPORTED_DTYPES, CacheConfig, EngineConfig, SchedulerConfig
+from kvserve.config import (
+    BLOCK_QUANTIZATIONS,
+    KV_CACHE_DTYPES,
+    SUPPORTED_DTYPES,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +45,7 @@ class EngineArgs:
     kv_cache_memory_bytes: Optional[int] = None
     kv_cache_memory_fraction: float = 0.25
     num_gpu_blocks_override: Optional[int] = None
+    kv_cache_dtype: str = "auto"  # config.KV_CACHE_DTYPES
 
     def create_engine_config(self) -> EngineConfig:
         import torch
@@ -49,6 +59,7 @@ class EngineArgs:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model_path = self.model or default_model_path()
         model_config = load_model_config(model_path, dtype=self.dtype, device=device, quantization=self.quantization)
+        model_config, cache_dtype = _activation_and_cache_dtypes(model_config, self.kv_cache_dtype)
 
         max_model_len = self.max_model_len or model_config.max_position_embeddings
         if max_model_len > model_config.max_position_embeddings:
@@ -71,6 +82,7 @@ class EngineArgs:
             model=model_config,
             cache=CacheConfig(
                 block_size=self.block_size,
+                cache_dtype=cache_dtype,
                 enable_prefix_caching=self.enable_prefix_caching,
                 kv_cache_memory_bytes=self.kv_cache_memory_bytes,
                 kv_cache_memory_fraction=self.kv_cache_memory_fraction,
@@ -84,3 +96,26 @@ class EngineArgs:
             device=device,
             seed=self.seed,
         )
+
+
+def _activation_and_cache_dtypes(model: ModelConfig, kv_cache_dtype: str) -> tuple[ModelConfig, str]:
+    """-> (the model config with its activation dtype, the KV cache's dtype).
+
+    bfloat16 over quantized blocks runs float32 activations with a bfloat16 KV cache (and attention):
+    the block kernels sum in float32 and take float32 x at no extra cost (decode reads the blocks,
+    not the activations), so bf16 buys nothing there but rounding. Measured on the default model,
+    64 prompts x 16 greedy tokens against float32: all-bf16 activations kept float32's tokens on 53
+    (mean |logprob difference| of the chosen tokens 0.013), this on 60 (0.006); bf16 weights, 59 (0.015)."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    if model.quantization in BLOCK_QUANTIZATIONS and model.dtype == "bfloat16":
+        logger.info("bfloat16 over %s blocks: activations float32 (the block kernels take them as they are), "
+                    "KV cache and attention bfloat16", model.quantization)  # fmt: skip
+        model = dataclasses.replace(model, dtype="float32")
+        if kv_cache_dtype == "auto":
+            kv_cache_dtype = "bfloat16"
+    cache = model.dtype if kv_cache_dtype == "auto" else kv_cache_dtype
+    if cache != model.dtype and not (model.dtype == "float32" and cache == "bfloat16"):
+        raise ValueError(f"kv_cache_dtype {cache} with {model.dtype} activations is not supported: leave it "
+                         "auto (the activations' dtype), or bfloat16 under float32 activations")  # fmt: skip
+    return model, cache

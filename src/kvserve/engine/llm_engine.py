@@ -56,7 +56,7 @@ class LLMEngine:
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %s); maximum concurrency at "
             "max_model_len=%d: %.2fx. Engine ready in %.1fs.",
-            num_blocks, block_size, num_blocks * block_size, gib, config.model.dtype,
+            num_blocks, block_size, num_blocks * block_size, gib, config.cache.cache_dtype,
             max_len, num_blocks * block_size / max_len, time.perf_counter() - t0,
         )  # fmt: skip
 

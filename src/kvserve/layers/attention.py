@@ -17,9 +17,12 @@ class Attention(nn.Module):
         self.backend: AttentionBackend | None = None  # set by the runner
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [T, Hq * D], k/v: [T, Hkv * D] -> [T, Hq * D]."""
+        """q: [T, Hq * D], k/v: [T, Hkv * D] -> [T, Hq * D], in the activations' dtype. Attention runs in
+        the cache's dtype: bfloat16 under float32 activations (EngineArgs) rounds q, k, v on the way in."""
         meta = get_attention_metadata()
-        t = q.shape[0]
+        t, dtype = q.shape[0], q.dtype
+        if self.kv_cache is not None and self.kv_cache.dtype != dtype:
+            q, k, v = q.to(self.kv_cache.dtype), k.to(self.kv_cache.dtype), v.to(self.kv_cache.dtype)
         out = self.backend.forward(
             q.view(t, self.num_heads, self.head_dim),
             k.view(t, self.num_kv_heads, self.head_dim),
@@ -28,4 +31,4 @@ class Attention(nn.Module):
             meta,
             self.scale,
         )
-        return out.reshape(t, self.num_heads * self.head_dim)
+        return out.reshape(t, self.num_heads * self.head_dim).to(dtype)

@@ -10,7 +10,8 @@ Default model, decode step, interleaved: batch 1 22.1 -> 12.4 ms, 16 35.9 -> 25.
 256 226 -> 204. (With the kernels replaced by no-ops the layers' Python is ~3.3 ms per step; between
 real kernels it costs several times that.)
 
-It applies to a model whose layers are all Llama layers, in bf16 or float32, whose linears are bf16
+It applies to a model whose layers are all Llama layers, in bf16 or float32 (over a float32 or bf16 KV
+cache: attention then in bf16, q / k / v rounded after rotary as layers/attention.py does), whose linears are bf16
 weights in decode_matmul's layout (cpu_ops.decode_weight, bf16 models) or GGUF blocks of a kernel type
 (layers/gguf_linear.py), no biases, no q/k norms; and to a step whose rows are at most the matmuls' row
 limit and whose attention the CPU backend sends through its kernels only: fresh prompts through the
@@ -41,7 +42,8 @@ class CpuLayerStack:
         self.num_layers, self.max_rows = len(layers), max_rows
         first = layers[0]
         attn = first.self_attn.attn
-        self.dtype = attn.kv_cache.dtype
+        self.dtype = first.input_layernorm.weight.dtype  # activations
+        self.cache_dtype = attn.kv_cache.dtype  # the same, or bf16 under float32 activations
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.scale, self.eps = attn.scale, first.input_layernorm.eps
         self.hidden_size = first.input_layernorm.weight.shape[0]
@@ -75,15 +77,15 @@ class CpuLayerStack:
             attn = getattr(layer, "self_attn", None)
             if attn is None or getattr(attn, "q_norm", None) is not None or not hasattr(layer, "mlp"):
                 return None
-            cache = attn.attn.kv_cache
-            if cache is None or cache.dtype not in _DTYPES or not cache.is_cpu or not cache.is_contiguous():
+            cache, dtype = attn.attn.kv_cache, layer.input_layernorm.weight.dtype
+            if cache is None or (dtype, cache.dtype) not in _DTYPES or not cache.is_cpu or not cache.is_contiguous():
                 return None
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                if norm.weight.dtype != cache.dtype or not norm.weight.is_contiguous():
+                if norm.weight.dtype != dtype or not norm.weight.is_contiguous():
                     return None
             for name in _LINEARS:
                 linear = layer.get_submodule(name)
-                rows = _max_rows(linear, cache.dtype)
+                rows = _max_rows(linear, dtype)
                 if not rows or getattr(linear, "bias", None) is not None:
                     return None
                 max_rows = rows if max_rows is None else min(max_rows, rows)
@@ -114,9 +116,13 @@ class CpuLayerStack:
             return None
         out, residual = torch.empty_like(hidden), hidden.new_empty(hidden.shape, dtype=torch.float32)
         heads, kv, d, i = self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate
-        # normed, qkv, q, attention out, gate_up, act, prefix out, prefix lse (float32, aligned): see the C++
-        per_row = self.hidden_size + (heads + 2 * kv) * d + 3 * heads * d + 3 * i + 2 * heads
-        scratch = hidden.new_empty(m * per_row + 32)
+        # Activations: normed, qkv, gate_up, act (+ attention out read back, mixed); the cache's type:
+        # (qkv, mixed), q, attention out, prefix out; prefix lse float32: see the C++. Two 64-byte alignments.
+        mixed, w = self.cache_dtype != self.dtype, (heads + 2 * kv) * d
+        act_elems = self.hidden_size + w + 3 * i + (heads * d if mixed else 0)
+        cache_elems = (w if mixed else 0) + 3 * heads * d
+        per_row = act_elems * hidden.element_size() + cache_elems * _size(self.cache_dtype) + 4 * heads
+        scratch = torch.empty(m * per_row + 128, dtype=torch.uint8)
         tables = meta.block_tables_host
         prefix = (cascade.prefix_blocks.numel(), cascade.prefix_first) if cascade is not None else (0, 0)
         dims = torch.tensor(
@@ -125,7 +131,7 @@ class CpuLayerStack:
             dtype=torch.long,
         )  # fmt: skip
         done = cpu_build.load().kv_llama_layers(
-            _DTYPES[self.dtype], self.num_layers, self.pointers.data_ptr(), hidden.data_ptr(), out.data_ptr(), residual.data_ptr(),
+            _DTYPES[self.dtype, self.cache_dtype], self.num_layers, self.pointers.data_ptr(), hidden.data_ptr(), out.data_ptr(), residual.data_ptr(),
             scratch.data_ptr(), dims.data_ptr(), cos_sin.data_ptr(), meta.slot_mapping.data_ptr(), tables.data_ptr(),
             meta.seq_lens.data_ptr(), meta.query_start_loc_host.data_ptr(), reqs.data_ptr(),
             plan.fresh_starts.data_ptr(), plan.fresh_lens.data_ptr(), self.eps, self.scale,
@@ -133,7 +139,12 @@ class CpuLayerStack:
         return (out, residual) if done else None
 
 
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' dtype codes
+# (activations, KV cache) -> the kernel's dtype code
+_DTYPES = {(torch.float32, torch.float32): 0, (torch.bfloat16, torch.bfloat16): 1, (torch.float32, torch.bfloat16): 2}
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
 
 
 def _weight(linear) -> torch.Tensor:

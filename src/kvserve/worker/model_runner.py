@@ -45,7 +45,7 @@ class ModelRunnerOutput:
 
 def kv_cache_bytes_per_block(config: EngineConfig) -> int:
     m = config.model
-    elem = torch.tensor([], dtype=DTYPES[m.dtype]).element_size()
+    elem = torch.tensor([], dtype=DTYPES[config.cache.cache_dtype]).element_size()
     return 2 * m.num_hidden_layers * config.cache.block_size * m.num_key_value_heads * m.head_dim * elem
 
 
@@ -53,12 +53,13 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, model: Optional[torch.nn.Module] = None) -> None:
         self.config = config
         self.device = torch.device(config.device)
-        self.dtype = DTYPES[config.model.dtype]
+        self.dtype = DTYPES[config.model.dtype]  # activations
+        self.cache_dtype = DTYPES[config.cache.cache_dtype]  # the KV cache and attention (layers/attention.py)
         if self.device.type == "cpu":
             host_memory.keep_freed_memory()  # each step's activations reuse the last step's pages
         self.model = model if model is not None else load_model(config.model, self.device)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.backend = get_attention_backend(config.device, self.dtype)
+        self.backend = get_attention_backend(config.device, self.cache_dtype)
         self.sampler = Sampler()
         self.input_batch = InputBatch(self.device)
         self.kv_caches: list[torch.Tensor] = []
@@ -87,7 +88,7 @@ class ModelRunner:
         unwritten tail (masked out) needs it free of NaN: then each block is zeroed on first use."""
         m, bs = self.config.model, self.config.cache.block_size
         shape = (2, num_blocks, bs, m.num_key_value_heads, m.head_dim)
-        self.kv_caches = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.attn_layers]
+        self.kv_caches = [torch.empty(shape, dtype=self.cache_dtype, device=self.device) for _ in self.attn_layers]
         self._never_used = torch.ones(num_blocks, dtype=torch.bool)  # host mask of blocks not yet zeroed
         for layer, cache in zip(self.attn_layers, self.kv_caches):
             layer.kv_cache, layer.backend = cache, self.backend
