@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from kvserve.config import QUANTIZATIONS, SUPPORTED_DTYPES
+from kvserve.entrypoints.openai.tool_parsers import TOOL_PARSER_NAMES
 
 ENV_PREFIX = "KVSERVE_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -59,6 +60,13 @@ class ServerConfig:
     chat_template: Optional[str] = _opt(
         None, "Jinja chat template: a file path or the template itself (default: the model's)"
     )
+    enable_auto_tool_choice: bool = _opt(
+        False, 'tool_choice "auto" on /v1/chat/completions: calls read from the answer by --tool-call-parser'
+    )
+    tool_call_parser: Optional[str] = _opt(
+        None, "how the model writes tool calls: hermes (Hermes, Qwen2.5/3, SmolLM2's <tool_call>), llama3_json, "
+        "mistral, pythonic (Llama 3.2/4)", choices=TOOL_PARSER_NAMES,
+    )  # fmt: skip
     seed: int = _opt(0, "engine seed")
     allowed_origins: tuple[str, ...] = _opt((), "CORS origins allowed to call the API, e.g. '*' (default: none)")
     max_queued_requests: int = _opt(1024, "requests allowed to wait for a batch slot; more get 503 + Retry-After")
@@ -76,6 +84,11 @@ class ServerConfig:
             ),
             (self.log_stats_interval >= 0, f"log_stats_interval must be >= 0, got {self.log_stats_interval}"),
             (self.shutdown_timeout >= 0, f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}"),
+            (
+                not self.enable_auto_tool_choice or self.tool_call_parser is not None,
+                "enable_auto_tool_choice needs tool_call_parser: add --tool-call-parser "
+                f"({' | '.join(TOOL_PARSER_NAMES)}), the format the model writes its calls in",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -89,3 +89,21 @@ def test_bad_flag_value_exits_with_usage(capsys):
     with pytest.raises(SystemExit) as info:
         main(["serve", "--port", "-5"])
     assert info.value.code == 2 and "port must be in" in capsys.readouterr().err
+
+
+def test_tool_calling_flags_follow_the_same_precedence(tmp_path):
+    file = tmp_path / "serve.yaml"
+    file.write_text("enable-auto-tool-choice: true\ntool-call-parser: llama3_json\n")
+    from_file = parse(["--config", str(file)])
+    assert from_file.enable_auto_tool_choice and from_file.tool_call_parser == "llama3_json"
+    env = {"KVSERVE_TOOL_CALL_PARSER": "pythonic"}
+    assert parse(["--config", str(file)], env).tool_call_parser == "pythonic"  # environment over the file
+    config = parse(["--config", str(file), "--tool-call-parser", "hermes", "--no-enable-auto-tool-choice"], env)
+    assert config.tool_call_parser == "hermes" and not config.enable_auto_tool_choice  # command line over both
+    assert parse([]).enable_auto_tool_choice is False and parse([]).tool_call_parser is None
+    with pytest.raises(ConfigError, match=r"needs tool_call_parser: add --tool-call-parser \(hermes \| llama3_json"):
+        parse(["--enable-auto-tool-choice"])
+    with pytest.raises(ConfigError, match="KVSERVE_TOOL_CALL_PARSER: tool_call_parser must be one of hermes, "):
+        parse([], {"KVSERVE_TOOL_CALL_PARSER": "qwen"})
+    with pytest.raises(SystemExit):
+        parse(["--tool-call-parser", "qwen"])  # argparse: invalid choice

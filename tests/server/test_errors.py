@@ -35,7 +35,7 @@ CASES = [
     ("/v1/chat/completions", {"messages": []}, 400, "messages", ["messages", "at least 1"]),
     ("/v1/chat/completions", {"messages": "Hi"}, 400, "messages", ["messages", "list"]),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role",
-     ["'system', 'user' or 'assistant'"]),
+     ["'system', 'user', 'assistant' or 'tool'"]),
     ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs", ["logprobs: true"]),
     ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": MAX_MODEL_LEN}, 400, "max_tokens",
      ["max_model_len"]),

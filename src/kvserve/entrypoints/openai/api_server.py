@@ -167,8 +167,7 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, serving: OpenAIServing, metrics:
         if body.prompt is not None:
             ids = serving.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:
-            conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
-            text = serving.render_chat(conversation, body.add_generation_prompt)
+            text = serving.render_chat(body.messages, body.add_generation_prompt)
             ids = serving.tokenizer.encode(text, add_special_tokens=False)
         return TokenizeResponse(count=len(ids), max_model_len=serving.max_model_len, tokens=ids)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from kvserve.entrypoints.openai.structured_outputs import (
     JsonSchema,
@@ -13,6 +13,7 @@ from kvserve.entrypoints.openai.structured_outputs import (
     StructuredOutputsRequest,
     structured_outputs_params,
 )
+from kvserve.entrypoints.openai.tool_choice import ChatCompletionTool, ToolCall, ToolChoice
 
 
 class RequestModel(BaseModel):
@@ -82,6 +83,12 @@ class SamplingRequest(RequestModel):
             kwargs["structured_outputs"] = constraint
         return kwargs
 
+    def constraint_fields(self) -> list[str]:
+        """The structured-output fields this request sets."""
+        names = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                 "guided_grammar")  # fmt: skip
+        return [name for name in names if getattr(self, name) is not None]
+
 
 # --- /v1/completions --------------------------------------------------------------------------------
 
@@ -145,9 +152,19 @@ class TextPart(RequestModel):
 
 
 class ChatMessage(RequestModel):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = Field(None, description="An assistant's calls; its content may be null.")
+    tool_call_id: Optional[str] = Field(None, description="A tool message: the id of the call it answers.")
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls, not {self.role} messages")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id: the id of the call whose result it carries")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -167,14 +184,23 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    # Tool calling (tool_choice.py): the default tool_choice is "auto" when tools are given.
+    tools: Optional[list[ChatCompletionTool]] = None
+    tool_choice: Optional[ToolChoice] = Field(None, description='"none", "auto", "required" or a named function.')
+    parallel_tool_calls: Optional[bool] = Field(None, description="false: at most one call (required). Default true.")
 
-    def conversation(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _known_tool_choice(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("none", "auto", "required"):
+            raise ValueError('send "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+        return value
 
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class TopLogprob(BaseModel):
@@ -207,14 +233,33 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(BaseModel):
+    """A call's first delta: index, id, type, function.name (arguments ""); then index and argument fragments."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
     @model_serializer
-    def _only_set(self) -> dict[str, str]:
-        # OpenAI's deltas carry only what changed: {"role": ...} first, then {"content": ...}, then {}.
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+    def _only_set(self) -> dict[str, Any]:
+        # OpenAI's deltas carry only what changed: {"role": ...} first, then {"content": ...} or
+        # {"tool_calls": [...]}, then {}.
+        delta: dict[str, Any] = {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        if self.tool_calls is not None:
+            delta["tool_calls"] = [call.model_dump(exclude_none=True) for call in self.tool_calls]
+        return delta
 
 
 class ChatStreamChoice(BaseModel):

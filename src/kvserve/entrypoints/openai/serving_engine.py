@@ -8,6 +8,7 @@ the HTTP exchange (disconnect, error, cancellation): `abort_unfinished` runs in 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any, AsyncIterator, Awaitable, Optional, Sequence, Union
 
@@ -25,7 +26,7 @@ from kvserve.engine.async_engine import (
 )
 from kvserve.entrypoints.openai.errors import APIError, bad_request, from_value_error, model_not_found
 from kvserve.entrypoints.openai.errors import service_unavailable
-from kvserve.entrypoints.openai.protocol import SamplingRequest
+from kvserve.entrypoints.openai.protocol import ChatMessage, SamplingRequest
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import RequestOutputKind, SamplingParams
 from kvserve.server_config import ServerConfig
@@ -56,30 +57,39 @@ class OpenAIServing:
             raise model_not_found(name, self.model_names)
         return name or self.model_names[0]
 
-    def sampling_params(self, request: Union[SamplingRequest, dict[str, Any]], **extra: Any) -> SamplingParams:
-        """SamplingParams from a request's fields (or kwargs) and `extra`, with DELTA outputs (each output
-        carries only new tokens); 400 if invalid."""
+    def sampling_params(
+        self, request: Union[SamplingRequest, dict[str, Any]], overrides: Optional[dict[str, Any]] = None, **extra: Any
+    ) -> SamplingParams:
+        """SamplingParams from a request's fields (or kwargs), `overrides` replacing some of them, and `extra`,
+        with DELTA outputs (each output carries only new tokens); 400 if invalid."""
         for name in ("logprobs", "prompt_logprobs"):
             k = extra.get(name)
             if k is not None and k > MAX_LOGPROBS:
                 raise bad_request(f"{name} can be at most {MAX_LOGPROBS}, got {k}.", param=name)
         try:
             kwargs = request.sampling_kwargs() if isinstance(request, SamplingRequest) else request
-            return SamplingParams(**kwargs, **extra, output_kind=RequestOutputKind.DELTA)
+            return SamplingParams(**{**kwargs, **(overrides or {})}, **extra, output_kind=RequestOutputKind.DELTA)
         except (ValueError, TypeError) as e:
             raise from_value_error(e) from None
 
     def render_chat(
         self,
-        conversation: list[dict[str, str]],
+        messages: Sequence[ChatMessage],
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         template_kwargs: Optional[dict[str, Any]] = None,
+        tools: Optional[list[dict[str, Any]]] = None,
     ) -> str:
-        """The conversation as prompt text, by the chat template; 400 if the template rejects it."""
+        """The conversation as prompt text, by the chat template (which also sees `tools`); 400 if the
+        template rejects it."""
+        try:
+            conversation = chat_conversation(messages)
+        except ValueError as e:
+            raise bad_request(str(e), param="messages") from None
         try:
             return self.tokenizer.apply_chat_template(
                 conversation,
+                tools=tools,
                 chat_template=self.chat_template,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
@@ -125,6 +135,31 @@ class OpenAIServing:
                 raise _as_api_error(e) from e
             raise
         return streams
+
+
+def chat_conversation(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """The messages as chat templates read them: content as text ("" when null), a call's arguments as
+    the object they encode (as vLLM and transformers pass them). ValueError naming the message whose
+    arguments are not JSON."""
+    conversation = []
+    for i, message in enumerate(messages):
+        rendered: dict[str, Any] = {"role": message.role, "content": message.text()}
+        if message.name is not None:
+            rendered["name"] = message.name
+        if message.tool_call_id is not None:
+            rendered["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            rendered["tool_calls"] = []
+            for j, call in enumerate(message.tool_calls):
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except ValueError:
+                    raise ValueError(f"messages.{i}.tool_calls.{j}.function.arguments must be JSON text, as the "
+                                     f"answer gave it; got {call.function.arguments!r}.") from None  # fmt: skip
+                function = {"name": call.function.name, "arguments": arguments}
+                rendered["tool_calls"].append({"id": call.id, "type": call.type, "function": function})
+        conversation.append(rendered)
+    return conversation
 
 
 def _as_api_error(error: Exception) -> Exception:
