@@ -87,6 +87,8 @@ def test_auto_none_and_defaults():
     assert none.parser is None and none.constraint is None and none.template_tools == TOOLS
     assert plan(tool_choice="none") == plan()  # and without tools, nothing
     assert plan().template_tools is None and plan().parser is None
+    untyped = plan(tools=[{"function": {"name": "get_time"}}], tool_choice="none")  # "type" may be left out
+    assert untyped.template_tools == [TOOLS[1]]
     empty = plan(tools=[], tool_choice="required")  # OpenAI answers an empty list as with "none"
     assert empty.parser is None and empty.constraint is None
     # auto may still be steered by a structured-output constraint (the parser reads what it allows)

@@ -70,7 +70,7 @@ ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
 
 @dataclass(frozen=True)
 class ToolPlan:
-    template_tools: Optional[list[dict[str, Any]]]  # the chat template's `tools`, as the client sent them
+    template_tools: Optional[list[dict[str, Any]]]  # the chat template's `tools`: as sent, with "type"
     parser: Optional[ToolParser]  # None: the answer is content, as without tools
     constraint: Optional[StructuredOutputsParams] = None  # required / named: the calls' JSON schema
     call_ids: Optional[ToolParser] = None  # whose new_call_id makes the ids (Mistral's templates check them)
@@ -90,7 +90,7 @@ def plan_tools(
             raise ValueError("tool_choice needs tools: send the functions the model may call in `tools`.")
         return ToolPlan(None, None)
     _check_tools(tools)
-    template_tools = [tool.model_dump(exclude_unset=True) for tool in tools]
+    template_tools = [tool.model_dump(exclude_none=True) for tool in tools]
     call_ids = get_tool_parser(auto_parser) if auto_parser else None
     if not tools and tool_choice in (None, "required"):  # OpenAI answers as with "none"
         tool_choice = "none"
