@@ -103,11 +103,13 @@ def tiny_server(tiny_llama_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def default_server(tmp_path_factory):
-    """The default model served as DEFAULT_MODEL_NAME with DEFAULT_ENGINE's limits, started once for the
-    modules that drive it with clients (OpenAI and TGI features, structured output)."""
+    """The default model served as DEFAULT_MODEL_NAME with DEFAULT_ENGINE's limits and tool_choice "auto"
+    (hermes: SmolLM2's <tool_call> format), started once for the modules that drive it with clients (OpenAI
+    and TGI features, structured output, tool calling)."""
     server = start_server(
         ["--served-model-name", DEFAULT_MODEL_NAME, "--max-model-len", str(DEFAULT_ENGINE["max_model_len"]),
-         "--kv-cache-memory-bytes", str(DEFAULT_ENGINE["kv_cache_memory_bytes"])],
+         "--kv-cache-memory-bytes", str(DEFAULT_ENGINE["kv_cache_memory_bytes"]),
+         "--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
         tmp_path_factory.mktemp("default-server"),
     )  # fmt: skip
     yield server
