@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from kvserve.config import QUANTIZATIONS, SUPPORTED_DTYPES
+from kvserve.config import KV_CACHE_DTYPES, QUANTIZATIONS, SUPPORTED_DTYPES
 from kvserve.entrypoints.openai.tool_parsers import TOOL_PARSER_NAMES
 
 ENV_PREFIX = "KVSERVE_"
@@ -56,6 +56,10 @@ class ServerConfig:
     block_size: int = _opt(16, "tokens per KV-cache block")
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache of shared prompt prefixes")
     kv_cache_memory_bytes: Optional[int] = _opt(None, "KV-cache budget in bytes (default: a fraction of free memory)")
+    kv_cache_dtype: str = _opt(
+        "auto", "the KV cache's dtype (default: the activations'; bfloat16 under --dtype bfloat16 over quantized "
+        "blocks, whose activations stay float32)", choices=KV_CACHE_DTYPES,
+    )
     device: str = _opt("auto", "where the model runs", choices=("auto", "cpu", "cuda"))
     chat_template: Optional[str] = _opt(
         None, "Jinja chat template: a file path or the template itself (default: the model's)"
@@ -118,7 +122,8 @@ class ServerConfig:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_num_batched_tokens_while_decoding=self.max_num_batched_tokens_while_decoding,
             block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
-            kv_cache_memory_bytes=self.kv_cache_memory_bytes, seed=self.seed, device=self.device, serving=True,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes, kv_cache_dtype=self.kv_cache_dtype, seed=self.seed,
+            device=self.device, serving=True,
         )  # fmt: skip
 
 

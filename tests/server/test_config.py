@@ -48,6 +48,8 @@ def test_json_config_file_and_engine_args(tmp_path):
     assert args.serving  # ... as for a server: a quarter of the budget on a CPU
     short = parse(["--max-num-batched-tokens-while-decoding", "512"]).engine_args()
     assert short.max_num_batched_tokens_while_decoding == 512
+    assert args.kv_cache_dtype == "auto"
+    assert parse(["--kv-cache-dtype", "bfloat16"]).engine_args().kv_cache_dtype == "bfloat16"
 
 
 @pytest.mark.parametrize(
@@ -55,6 +57,7 @@ def test_json_config_file_and_engine_args(tmp_path):
     [({"KVSERVE_PORT": "eighty"}, None, ["KVSERVE_PORT", "port"]),
      ({"KVSERVE_ENABLE_PREFIX_CACHING": "maybe"}, None, ["KVSERVE_ENABLE_PREFIX_CACHING", "true/false"]),
      ({"KVSERVE_DTYPE": "int3"}, None, ["dtype must be one of"]),
+     ({"KVSERVE_KV_CACHE_DTYPE": "fp8"}, None, ["kv_cache_dtype must be one of"]),
      ({"KVSERVE_PORT": "70000"}, None, ["port must be in"]),
      ({"KVSERVE_MAX_NUM_BATCHED_TOKENS_WHILE_DECODING": "0"}, None, ["max_num_batched_tokens_while_decoding", ">= 1"]),
      ({}, "max-num-seq: 4\n", ["unknown setting", "max-num-seq"]),
