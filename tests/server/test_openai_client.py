@@ -65,6 +65,18 @@ def test_greedy_chat_equals_llm_chat(client, offline_llm):
     assert out.usage.prompt_tokens == len(expected.prompt_token_ids)
 
 
+def test_llm_chat_passes_tools_to_the_template(offline_llm):
+    template = "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}"
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    conversation = [{"role": "user", "content": "Weather in Paris?"}]
+    params = SamplingParams(max_tokens=1, temperature=0)
+    [with_tools] = offline_llm.chat(conversation, params, use_tqdm=False, chat_template=template, tools=tools)
+    [without] = offline_llm.chat(conversation, params, use_tqdm=False, chat_template=template)
+    tokenizer = offline_llm.get_tokenizer()
+    assert with_tools.prompt_token_ids == tokenizer.encode("[get_weather]Weather in Paris?", add_special_tokens=False)
+    assert without.prompt_token_ids == tokenizer.encode("Weather in Paris?", add_special_tokens=False)
+
+
 def test_streamed_completion_equals_the_whole_one_and_reports_usage(client):
     whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0)
     chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stream=True,
