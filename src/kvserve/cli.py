@@ -33,6 +33,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "quantized blocks, whose activations stay float32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs: decode steps run eagerly too (a CPU always does)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -43,7 +45,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_batched_tokens_while_decoding=args.max_num_batched_tokens_while_decoding,
         block_size=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        kv_cache_dtype=args.kv_cache_dtype, seed=args.seed, device=args.device,
+        kv_cache_dtype=args.kv_cache_dtype, seed=args.seed, device=args.device, enforce_eager=args.enforce_eager,
     )  # fmt: skip
 
 

@@ -84,9 +84,20 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class CompilationConfig:
+    """CUDA graphs of decode-only steps (worker/cuda_graphs.py); they apply only on a CUDA device."""
+
+    enforce_eager: bool = False  # vLLM's flag: no graphs, every step runs eagerly
+    # Largest decode batch captured (vLLM's name); the ladder stops at min(this, max_num_seqs), and a
+    # larger decode-only step runs eagerly.
+    max_cudagraph_capture_size: int = 256
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    compilation: CompilationConfig = field(default_factory=CompilationConfig)
     device: str = "cpu"
     seed: int = 0

@@ -61,6 +61,7 @@ class ServerConfig:
         "blocks, whose activations stay float32)", choices=KV_CACHE_DTYPES,
     )
     device: str = _opt("auto", "where the model runs", choices=("auto", "cpu", "cuda"))
+    enforce_eager: bool = _opt(False, "no CUDA graphs: decode steps run eagerly too (a CPU always does)")
     chat_template: Optional[str] = _opt(
         None, "Jinja chat template: a file path or the template itself (default: the model's)"
     )
@@ -123,7 +124,7 @@ class ServerConfig:
             max_num_batched_tokens_while_decoding=self.max_num_batched_tokens_while_decoding,
             block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes, kv_cache_dtype=self.kv_cache_dtype, seed=self.seed,
-            device=self.device, serving=True,
+            device=self.device, enforce_eager=self.enforce_eager, serving=True,
         )  # fmt: skip
 
 

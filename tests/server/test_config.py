@@ -110,3 +110,13 @@ def test_tool_calling_flags_follow_the_same_precedence(tmp_path):
         parse([], {"KVSERVE_TOOL_CALL_PARSER": "qwen"})
     with pytest.raises(SystemExit):
         parse(["--tool-call-parser", "qwen"])  # argparse: invalid choice
+
+
+def test_enforce_eager_follows_the_same_precedence(tmp_path):
+    file = tmp_path / "serve.yaml"
+    file.write_text("enforce-eager: true\n")
+    assert parse([]).enforce_eager is False and parse([]).engine_args().enforce_eager is False
+    assert parse(["--config", str(file)]).engine_args().enforce_eager is True  # the file over the default
+    assert parse(["--config", str(file)], {"KVSERVE_ENFORCE_EAGER": "0"}).enforce_eager is False  # env over file
+    assert parse(["--enforce-eager"], {"KVSERVE_ENFORCE_EAGER": "false"}).enforce_eager is True  # flag over env
+    assert parse(["--no-enforce-eager"], {"KVSERVE_ENFORCE_EAGER": "1"}).enforce_eager is False

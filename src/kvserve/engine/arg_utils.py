@@ -11,6 +11,7 @@ from kvserve.config import (
     KV_CACHE_DTYPES,
     SUPPORTED_DTYPES,
     CacheConfig,
+    CompilationConfig,
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
@@ -46,6 +47,7 @@ class EngineArgs:
     kv_cache_memory_fraction: float = 0.25
     num_gpu_blocks_override: Optional[int] = None
     kv_cache_dtype: str = "auto"  # config.KV_CACHE_DTYPES
+    enforce_eager: bool = False  # no CUDA graphs for decode steps (vLLM's flag; a CPU never captures)
 
     def create_engine_config(self) -> EngineConfig:
         import torch
@@ -93,6 +95,7 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
                 max_num_batched_tokens_while_decoding=min(short_budget, budget),
             ),
+            compilation=CompilationConfig(enforce_eager=self.enforce_eager),
             device=device,
             seed=self.seed,
         )

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 # vLLM constructor arguments that mean nothing here; accepted so vLLM code runs unchanged.
 _IGNORED_VLLM_ARGS = {
-    "trust_remote_code", "enforce_eager", "swap_space", "disable_log_stats", "tokenizer_mode", "revision",
+    "trust_remote_code", "swap_space", "disable_log_stats", "tokenizer_mode", "revision",
     "tokenizer_revision", "download_dir", "load_format", "gpu_memory_utilization", "disable_custom_all_reduce",
     "max_seq_len_to_capture", "compilation_config", "hf_token", "hf_overrides", "cpu_offload_gb",
 }  # fmt: skip
