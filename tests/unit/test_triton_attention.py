@@ -109,30 +109,49 @@ def test_triton_backend_matches_reference(interpreter, hq, hkv, d, bs, split):
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "def fibonacci(n):", "Once upon a time"]
 
 
-def generate_greedy(model_dir: str) -> dict[str, list[tuple[list[int], list[float]]]]:
+def generate_greedy(model_dir: str, max_tokens=(8, 8, 8, 8), triton_graphs: bool = False) -> dict[str, list]:
     """In the worker: the tiny model's greedy tokens and logprobs (float32, CPU) through the engine
     twice, attention through the Triton backend (split-KV forced on) and through torch_ref, its
     reference; all else is the same code in the same process. The KV caches start as NaN: the Triton
     backend asks for no zeroed blocks, so a read of an unwritten slot would show; torch_ref's blocks
-    are zeroed on first use by the runner, as it asks."""
+    are zeroed on first use by the runner, as it asks. triton_graphs: the Triton engine's decode
+    steps go through decode graphs (cuda_graphs.eager_capture, the CPU stand-in for a capture);
+    results["graph_steps"] lists its steps' (requests, size replayed or None)."""
     from kvserve import LLM, SamplingParams
     from kvserve.attention.triton_attn import TritonAttentionBackend
-    from kvserve.worker import model_runner
+    from kvserve.worker import cuda_graphs, model_runner
 
+    # Under graphs, 4 segments at most (planned for max_model_len, so always 4): the interpreter runs
+    # each program in numpy.
+    segments = 4 if triton_graphs else 16
     backends = {
-        "triton": lambda: TritonAttentionBackend(target_programs=10_000, min_segment_tiles=1, tile=16),
+        "triton": lambda: TritonAttentionBackend(
+            target_programs=10_000, max_segments=segments, min_segment_tiles=1, tile=16
+        ),
         "torch": TorchAttentionBackend,
     }
-    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=1, ignore_eos=True)
-    choose, results = model_runner.get_attention_backend, {}
+    params = [SamplingParams(max_tokens=n, temperature=0.0, logprobs=1, ignore_eos=True) for n in max_tokens]
+    choose, capture, results = model_runner.get_attention_backend, model_runner.graph_capture_for, {}
     for name, make in backends.items():
         model_runner.get_attention_backend = lambda device, dtype, make=make: make()
+        if triton_graphs and name == "triton":
+            model_runner.graph_capture_for = lambda config, backend: cuda_graphs.eager_capture
         try:
             llm = LLM(model_dir, dtype="float32", device="cpu", kv_cache_memory_bytes=16 << 20, max_num_seqs=4)
-        finally:  # the worker lives on: the runner's own choice is back once the engine is built
-            model_runner.get_attention_backend = choose
+        finally:  # the worker lives on: the runner's own choices are back once the engine is built
+            model_runner.get_attention_backend, model_runner.graph_capture_for = choose, capture
         runner = llm.llm_engine.runner
         assert runner.backend.name == name
+        graphs = runner.graphs
+        assert (graphs is not None) == (triton_graphs and name == "triton")
+        if graphs is not None:
+            run, steps = graphs.run, results.setdefault("graph_steps", [])
+
+            def recording_run(batch, run=run, graphs=graphs, steps=steps):
+                steps.append((len(batch.query_lens), graphs.size_for(batch)))
+                return run(batch)
+
+            graphs.run = recording_run
         for cache in runner.kv_caches:
             cache.fill_(float("nan"))
         outs = [o.outputs[0] for o in llm.generate(PROMPTS, params, use_tqdm=False)]
@@ -145,7 +164,37 @@ def test_engine_through_triton_backend_gives_the_same_greedy_tokens(interpreter,
     """The runner with the Triton backend over fresh prompts and decodes (a context past one block,
     split-KV steps): the same tokens as with torch_ref, logprobs within float32 rounding (measured
     <= 1.1e-5 on this model; a bf16 or TF32 rounding anywhere in attention moves them 1e-3 to 1e-2)."""
-    runs = interpreter.submit(generate_greedy, tiny_llama_dir).result()
+    assert_same_greedy(interpreter.submit(generate_greedy, tiny_llama_dir).result())
+
+
+@needs_triton
+def test_decode_graphs_through_triton_backend_give_the_same_greedy_tokens(interpreter, tiny_llama_dir):
+    """Decode steps of 4, 3, 2 and 1 requests replayed at sizes 4, 4, 2 and 1 (worker/cuda_graphs.py,
+    the CPU capture stand-in), attention planned for the graphs' bound (max_model_len 512: 4
+    segments of the keys, all but the first empty for these contexts) with seq_lens read from the device buffers,
+    padding rows in the scratch block, every unwritten slot NaN: torch_ref's eager tokens."""
+    runs = interpreter.submit(generate_greedy, tiny_llama_dir, (2, 3, 4, 5), True).result()
+    assert {(4, 4), (3, 4), (2, 2), (1, 1)} <= set(runs.pop("graph_steps"))
+    assert_same_greedy(runs)
+
+
+@needs_triton
+def test_decode_graph_plan_depends_on_the_bound_not_the_step():
+    """A decode graph's plan is made once, at capture, from metadata whose host copies hold the
+    capture-time padding: its segments follow graph_max_seq_len (here 16 tiles of 32 keys: 16
+    segments), where an eager step of the same contexts plans none."""
+    from kvserve.attention.triton_attn import TritonAttentionBackend
+    from kvserve.worker.cuda_graphs import DecodeBuffers
+
+    backend = TritonAttentionBackend(target_programs=10_000, min_segment_tiles=1, tile=32)
+    q = torch.empty(4, 8, 64)
+    graph_meta = DecodeBuffers(8, 16, 512, scratch_block=9, device="cpu").metadata(4)
+    assert graph_meta.seq_lens_host == [1] * 4  # what a host-planned step would have seen
+    assert backend.plan(graph_meta, q, 2).parts[1].shape == (4, 8, 16)  # [T, Hq, segments]
+    assert backend.plan(build_attention_metadata([1] * 4, [5, 1, 12, 30], [[0, 1]] * 4, 16), q, 2).parts is None
+
+
+def assert_same_greedy(runs: dict[str, list]) -> None:
     for prompt, (ids, lps), (want_ids, want_lps) in zip(PROMPTS, runs["triton"], runs["torch"]):
         assert ids == want_ids, f"{prompt!r}: triton {ids}, torch_ref {want_ids}"
         torch.testing.assert_close(

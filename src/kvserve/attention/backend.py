@@ -19,6 +19,10 @@ from kvserve.attention.metadata import AttentionMetadata
 class AttentionBackend(ABC):
     name: str = "abstract"
     needs_zeroed_blocks: bool = True  # False: never reads a slot past a request's context
+    # True: prepare + forward over metadata with graph_max_seq_len set can be captured in a CUDA graph:
+    # per-step values read only from its device tensors, shapes and launches fixed by the bound and
+    # the batch size, no host sync (worker/cuda_graphs.py captures decode-only steps only then).
+    graph_safe: bool = False
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Precompute per-step state into meta.backend_state (called once per step, before the forward)."""

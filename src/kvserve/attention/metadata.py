@@ -7,7 +7,7 @@ paged cache at blocks block_tables[b, :ceil(seq_lens[b] / block_size)].
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -26,6 +26,11 @@ class AttentionMetadata:
     query_start_loc_host: torch.Tensor  # [B + 1] int64 on the CPU
     block_tables_host: torch.Tensor  # [B, max_blocks] int64 on the CPU
     positions: torch.Tensor  # [T] int64, absolute position of each query token
+    # Set only on the persistent metadata of a captured decode graph (worker/cuda_graphs.py): every
+    # query_len is 1, every context is at most this many tokens, and a step's values live only in the
+    # device tensors above (refreshed before each replay); the host copies keep their capture-time
+    # values. A graph-safe backend (AttentionBackend.graph_safe) then plans from this bound alone.
+    graph_max_seq_len: Optional[int] = None
     # Backend-private precomputed state (index tensors, masks), built by the backend's
     # `prepare` once per step and reused by every layer.
     backend_state: Any = field(default=None)

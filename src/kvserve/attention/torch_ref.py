@@ -25,7 +25,9 @@ class Group:
     q_rows: torch.Tensor  # [B, Qmax] packed token row of each query (padding points at row 0)
     block_ids: torch.Tensor  # [B, nblk] the blocks holding each request's context (padded with block 0)
     mask: torch.Tensor  # [B, 1, Qmax, nblk * block_size] True where query may attend
-    valid: torch.Tensor  # [B * Qmax] bool, real (non-padding) query rows
+    # [B * Qmax] bool, real (non-padding) query rows; None: every row is real and query b is packed
+    # row b (a decode graph's group: no boolean indexing, which would sync with the host)
+    valid: Optional[torch.Tensor]
     out_rows: torch.Tensor  # [n_valid] packed row each real query writes to
     # [B, 1, nblk * block_size, 1] True at slots inside each context; set when the cache may hold
     # NaN in slots never written (blocks not zeroed), which the gathered K/V then replace by 0.
@@ -64,10 +66,29 @@ def build_group(meta: AttentionMetadata, reqs: list[int], unwritten_may_be_nan: 
     )
 
 
+def build_decode_graph_group(meta: AttentionMetadata) -> Group:
+    """The one group of a captured decode step (meta.graph_max_seq_len set), from its device tensors
+    only, shapes fixed by B and the table width W: query b (packed row b) attends to keys
+    0 .. seq_lens[b] - 1 of all W blocks of its table. Every table entry must name a block of finite
+    values (unused ones: the graph runner's scratch block), since whole blocks are gathered."""
+    b, width = meta.block_tables.shape
+    device = meta.block_tables.device
+    j = torch.arange(width * meta.block_size, device=device)
+    mask = (j[None, :] < meta.seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, W * block_size]
+    rows = torch.arange(b, device=device)
+    return Group(q_rows=rows[:, None], block_ids=meta.block_tables, mask=mask, valid=None, out_rows=rows)
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+    # Decode graphs attend over each row's whole table (max_model_len keys): static shapes cost
+    # gathering keys past the context, where Triton's kernel stops at it.
+    graph_safe = True
 
     def prepare(self, meta: AttentionMetadata) -> None:
+        if meta.graph_max_seq_len is not None:
+            meta.backend_state = [build_decode_graph_group(meta)]
+            return
         decode = [b for b, n in enumerate(meta.query_lens) if n == 1]
         prefill = [b for b, n in enumerate(meta.query_lens) if n > 1]
         meta.backend_state = [build_group(meta, g) for g in (decode, prefill) if g]
@@ -102,4 +123,7 @@ def attend_group(g: Group, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.T
         kg, vg = kg.masked_fill(~g.written, 0), vg.masked_fill(~g.written, 0)
     o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=True)
     o = o.transpose(1, 2).reshape(-1, q.shape[1], head_dim)  # [B * Qmax, Hq, D]
-    out[g.out_rows] = o[g.valid]
+    if g.valid is None:
+        out.copy_(o)  # [B, Hq, D]: Qmax is 1
+    else:
+        out[g.out_rows] = o[g.valid]

@@ -11,6 +11,13 @@ The plan (tile sizes, segments, the split-KV buffers) depends only on the step's
 layer's head shape, so it is made once per step and shape, on the host from the metadata's host
 copies (no device sync), and shared by every layer (layers run one after another, so they can
 share the buffers).
+
+Decode graphs (worker/cuda_graphs.py): the kernels read seq_lens, block tables, slots and query
+starts from device tensors, and the grid depends only on T and B, so a decode step is capturable
+once its plan is fixed: with meta.graph_max_seq_len set the segments are planned for that bound
+(each request's tiles are divided among them in the kernel, from its device seq_len; segments past
+a short context stay empty and weigh nothing in the reduction), and the split-KV buffers, made
+during capture, belong to the graph.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ class Plan:
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     needs_zeroed_blocks = False  # loads past a request's context are masked: no slot is read unwritten
+    graph_safe = True  # see the module docstring
 
     def __init__(
         self,
@@ -78,7 +86,10 @@ class TritonAttentionBackend(AttentionBackend):
         g = hq // hkv
         block_m = max(16, triton.next_power_of_2(g))
         programs = (t // (block_m // g) + len(meta.query_lens)) * hkv
-        max_tiles = triton.cdiv(max(meta.seq_lens_host, default=0), self.tile)
+        longest = meta.graph_max_seq_len  # a decode graph's bound: its host copies are not this step's
+        if longest is None:
+            longest = max(meta.seq_lens_host, default=0)
+        max_tiles = triton.cdiv(longest, self.tile)
         segments = min(
             self.max_segments,
             self._target(q.device) // max(programs, 1),

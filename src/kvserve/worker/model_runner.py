@@ -1,7 +1,8 @@
 """One forward + sampling per step. Owns the model, the KV cache tensors and the input batch.
 
-Step: apply scheduler diffs -> pack tokens -> forward over all of them -> logits only at the rows
-that sample (and prompt-logprob rows) -> sample -> one transfer to the host.
+Step: apply scheduler diffs -> pack tokens -> forward over all of them (on a GPU, decode-only steps
+replay a CUDA graph: worker/cuda_graphs.py) -> logits only at the rows that sample (and prompt-logprob
+rows) -> sample -> one transfer to the host.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from kvserve.forward_context import set_forward_context
 from kvserve.layers.attention import Attention
 from kvserve.model.loader import load_model
 from kvserve.ops.cpu_layers import CpuLayerStack
+from kvserve.worker.cuda_graphs import CudaGraphRunner, DecodeBuffers, capture_sizes, graph_capture_for
 from kvserve.worker.grammar_mask import apply_grammar_bitmask
 from kvserve.worker.input_batch import InputBatch, StepBatch
 from kvserve.worker.sampler import Sampler, SamplerOutput, gather_logprobs
@@ -63,6 +65,10 @@ class ModelRunner:
         self.sampler = Sampler()
         self.input_batch = InputBatch(self.device)
         self.kv_caches: list[torch.Tensor] = []
+        # Decode graphs (worker/cuda_graphs.py): how they are captured (None: every step eager, as on
+        # a CPU), and once the KV cache exists, the captured graphs.
+        self._graph_capture = graph_capture_for(config, self.backend)
+        self.graphs: Optional[CudaGraphRunner] = None
         # float32 [rows, vocab], grown to the most rows sampled in one step: the head's logits go here
         # (CPU decode kernel, bf16 models: the only writer) so that a step does not page-fault them in
         # (256 rows x 49,152: 50 MB, past glibc's largest mmap threshold, so a fresh tensor is mapped
@@ -85,9 +91,12 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One [2, num_blocks, block_size, Hkv, D] tensor per layer, left uninitialised: touching
         gigabytes up front costs seconds of page faults at start-up. A backend that reads a block's
-        unwritten tail (masked out) needs it free of NaN: then each block is zeroed on first use."""
+        unwritten tail (masked out) needs it free of NaN: then each block is zeroed on first use.
+        With decode graphs, one more block (index num_blocks, outside the block pool's ids) is their
+        scratch block; the graphs are captured once the caches exist."""
         m, bs = self.config.model, self.config.cache.block_size
-        shape = (2, num_blocks, bs, m.num_key_value_heads, m.head_dim)
+        scratch = 1 if self._graph_capture is not None else 0
+        shape = (2, num_blocks + scratch, bs, m.num_key_value_heads, m.head_dim)
         self.kv_caches = [torch.empty(shape, dtype=self.cache_dtype, device=self.device) for _ in self.attn_layers]
         self._never_used = torch.ones(num_blocks, dtype=torch.bool)  # host mask of blocks not yet zeroed
         for layer, cache in zip(self.attn_layers, self.kv_caches):
@@ -98,6 +107,21 @@ class ModelRunner:
         if self.device.type == "cpu" and self.config.cache.prefault_in_background:
             caches = list(self.kv_caches)  # the thread holds them until it is done
             threading.Thread(target=_prefault, args=(caches,), name="kvserve-kv-prefault", daemon=True).start()
+        if scratch:
+            self._capture_graphs(scratch_block=num_blocks)
+
+    @torch.inference_mode()
+    def _capture_graphs(self, scratch_block: int) -> None:
+        """The decode graphs, one per size of the ladder up to min(max_num_seqs, the capture cap)."""
+        sched = self.config.scheduler
+        sizes = capture_sizes(sched.max_num_seqs, self.config.compilation.max_cudagraph_capture_size)
+        if not sizes:
+            return
+        for cache in self.kv_caches:  # padding rows write and read only this block: finite from the start
+            cache[:, scratch_block].zero_()
+        bs = self.config.cache.block_size
+        buffers = DecodeBuffers(sizes[-1], bs, sched.max_model_len, scratch_block, self.device)
+        self.graphs = CudaGraphRunner(self.model, self.backend, buffers, sizes, self._graph_capture)
 
     @torch.inference_mode()
     def execute_model(self, sched_out: SchedulerOutput) -> ModelRunnerOutput:
@@ -107,15 +131,7 @@ class ModelRunner:
         if self.backend.needs_zeroed_blocks:
             self._zero_fresh_blocks(sched_out)
         batch = self.input_batch.build(sched_out)
-        meta = build_attention_metadata(
-            batch.query_lens, batch.seq_lens, batch.block_tables, self.config.cache.block_size, self.device
-        )
-        self.backend.prepare(meta)
-        input_ids = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
-        with set_forward_context(meta):
-            hidden = self.model(input_ids, meta.positions)  # [T, H]
-
-        starts = meta.query_start_loc_host  # [B + 1]: request b's rows are starts[b]:starts[b + 1]
+        hidden, starts = self._forward(batch)  # [T, H]; [B + 1]: request b's rows are starts[b]:starts[b + 1]
         results = {}
         if batch.sampling_rows:
             results["sample"] = self._sample(batch, sched_out, starts, hidden)
@@ -129,6 +145,21 @@ class ModelRunner:
         if "prompt" in results:
             self._record_prompt_logprobs(batch, results["prompt"], out)
         return out
+
+    def _forward(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden states [T, H] of the step's packed rows and query_start_loc on the host [B + 1]:
+        through a decode graph where one applies (a view of its output: read before the next step)."""
+        hidden = self.graphs.run(batch) if self.graphs is not None else None
+        if hidden is not None:  # decode-only: request b's one row is row b
+            return hidden, torch.arange(len(batch.req_ids) + 1)
+        meta = build_attention_metadata(
+            batch.query_lens, batch.seq_lens, batch.block_tables, self.config.cache.block_size, self.device
+        )
+        self.backend.prepare(meta)
+        input_ids = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
+        with set_forward_context(meta):
+            hidden = self.model(input_ids, meta.positions)  # [T, H]
+        return hidden, meta.query_start_loc_host
 
     def _sample(
         self, batch: StepBatch, sched_out: SchedulerOutput, starts: torch.Tensor, hidden: torch.Tensor
