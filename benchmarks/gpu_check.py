@@ -1,72 +1,442 @@
-"""GPU smoke check: the same engine code on CUDA gives CPU's greedy tokens and logprobs.
+"""The device check (issue 17): one command on a lent GPU, a few minutes, nothing downloaded.
 
-Usage: `python benchmarks/gpu_check.py prepare DIR` (on the CPU box: writes a tiny random Llama,
-its tokenizer and the CPU engine's greedy outputs into DIR), then
-`python benchmarks/gpu_check.py check DIR` on a CUDA machine. Prints one line per prompt and
-exits 1 on any mismatch. Needs no downloads: the tiny model is built from a seed.
-`python benchmarks/gpu_check.py --device cpu|cuda` does both in one run, in a temporary folder: on
-a CPU it runs the whole check (no Triton there: the CPU's attention backend), to see that it runs.
+It builds seeded random-weight Hugging Face folders in SmolLM2-135M's and Qwen2.5-0.5B's shapes and
+prints, for each:
+  (a) float32 exactness: kvserve's greedy tokens and logprobs vs Hugging Face transformers on the
+      same device, 8 prompts of 3 to 436 tokens (3 share a 256-token prefix), run plain, with chunked
+      prefill, and twice with prefix caching (the second from the cache), kvserve's defaults otherwise
+      (CUDA graphs on): identical tokens, logprobs within 1e-3;
+  (b) bf16 speed: batch-1 decode ms/token vs the HBM roofline (weight + KV bytes read per token /
+      the measured device copy bandwidth), and offline output tok/s vs HF `generate` (static batch);
+  (c) (b) with CUDA graphs on and off (LLM's enforce_eager).
+Then the targets for the 0.5B shape: decode >= 50% of the roofline, offline >= 5x HF, exactness.
+
+`python benchmarks/gpu_check.py --device cuda` is the GPU run (benchmarks/gpu_run.sh adds the wheels
+carried with it); `--device cpu` is the dry run: the same code minus graphs and Triton, on 2 layers
+of each shape (real widths, heads and vocabularies) and tiny speed counts. Exits 1 when (a) fails.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import gc
 import json
+import logging
+import math
+import os
+import platform
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
+from typing import Optional
 
-PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "def fibonacci(n):", "Once upon a time"] * 4
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # kvserve from this checkout
+os.environ.setdefault("TQDM_DISABLE", "1")  # no weight-loading bars (read when tqdm is imported)
+
+import torch  # noqa: E402
+
+from kvserve import LLM, SamplingParams  # noqa: E402
+from kvserve.bench.throughput import random_prompts  # noqa: E402
+
+# The real models' config.json values (Qwen2 has q/k/v biases); the weights are random.
+SHAPES = {
+    "SmolLM2-135M": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536,
+        "vocab_size": 49152, "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
+    },
+    "Qwen2.5-0.5B": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896,
+        "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "intermediate_size": 4864,
+        "vocab_size": 151936, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768,
+    },
+}  # fmt: skip
+TARGET = "Qwen2.5-0.5B"  # the shape the targets speak of
 
 
-def _run(folder: str, device: str):
-    from kvserve import LLM, SamplingParams
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Sizes of one run: the full check on a GPU, the dry run on a CPU."""
 
-    llm = LLM(folder, dtype="float32", device=device, kv_cache_memory_bytes=256 << 20, max_num_seqs=16)
-    params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=1, ignore_eos=True)
-    t0 = time.perf_counter()
-    outs = llm.generate(PROMPTS, params, use_tqdm=False)
-    elapsed = time.perf_counter() - t0
-    results = []
-    for o in outs:
+    layers: Optional[int]  # None: the shape's own
+    new_tokens: int  # (a) greedy tokens per prompt
+    decode: tuple[int, int]  # (b) batch-1 prompt and output lengths
+    offline: tuple[int, int, int]  # (b) prompts, input and output lengths
+    hf_batch: int  # HF generate's static batch
+    copy_bytes: int  # the bandwidth probe's buffer
+    kv_bytes: int  # kvserve's KV cache budget in (b)
+
+
+PLANS = {
+    "cuda": Plan(None, 32, (32, 256), (256, 256, 128), 256, 1 << 30, 4 << 30),
+    "cpu": Plan(2, 16, (16, 16), (4, 16, 8), 4, 256 << 20, 256 << 20),
+}
+TOLERANCE = 1e-3
+
+
+def _release(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _ids(prompts: list[list[int]]) -> list[dict]:
+    return [{"prompt_token_ids": p} for p in prompts]
+
+
+# --- the random-weight models ------------------------------------------------------------------
+def build_model(folder: Path, shape: str, layers: int, device: str, seed: int = 0) -> dict:
+    """An HF folder: config.json, seeded bf16 weights scaled like trained ones (std 0.02, norms ~1;
+    the final norm ~6 gives logits of std ~3, as a trained model's: at 1 they are nearly flat and
+    near-ties would make greedy comparisons a coin toss), a word-level tokenizer over the vocab.
+    Returns the config."""
+    import safetensors.torch
+
+    cfg = {**SHAPES[shape], "num_hidden_layers": layers, "tie_word_embeddings": True, "hidden_act": "silu",
+           "torch_dtype": "bfloat16"}  # fmt: skip  (no eos: both engines generate every token asked for)
+    h, inter, heads, kv = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                            "num_key_value_heads"))  # fmt: skip
+    d = h // heads
+    g = torch.Generator(device).manual_seed(seed)
+
+    def w(*dims, mean=0.0, std=0.02):
+        return (torch.randn(*dims, generator=g, device=device) * std + mean).to(torch.bfloat16).cpu()
+
+    linears = {
+        "self_attn.q_proj": (heads * d, h), "self_attn.k_proj": (kv * d, h), "self_attn.v_proj": (kv * d, h),
+        "self_attn.o_proj": (h, heads * d),
+        "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter),
+    }  # fmt: skip
+    biased = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"} if cfg["model_type"] == "qwen2" else set()
+    tensors = {"model.embed_tokens.weight": w(cfg["vocab_size"], h), "model.norm.weight": w(h, mean=6.0, std=0.3)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"{p}{norm}.weight"] = w(h, mean=1.0, std=0.1)
+        for name, (rows, cols) in linears.items():
+            tensors[f"{p}{name}.weight"] = w(rows, cols)
+            if name in biased:
+                tensors[f"{p}{name}.bias"] = w(rows, std=0.1)
+    folder.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    _write_tokenizer(folder, cfg["vocab_size"])
+    return cfg
+
+
+def _write_tokenizer(folder: Path, vocab: int) -> None:
+    """Token i is the word "t{i}": prompts go in as ids, and every id the model picks decodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text("{}")
+
+
+# --- (a) exactness -----------------------------------------------------------------------------
+def exactness_prompts(vocab: int, seed: int = 1) -> list[list[int]]:
+    """5 prompts of 3 to 130 tokens, then 3 sharing a 256-token prefix (268 to 436 tokens)."""
+    alone = [random_prompts(1, n, vocab, set(), seed + n)[0] for n in (3, 9, 24, 61, 130)]
+    prefix = random_prompts(1, 256, vocab, set(), seed)[0]
+    return alone + [prefix + random_prompts(1, n, vocab, set(), seed + n)[0] for n in (12, 40, 180)]
+
+
+def hf_greedy(folder: Path, prompts: list[list[int]], n: int, device: str) -> list[tuple]:
+    """HF greedy decoding of each prompt alone: (tokens, chosen logprobs, top-1 margins) per prompt."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            x = torch.tensor([ids], device=device)
+            gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)  # fmt: skip
+            lps = torch.log_softmax(torch.cat(gen.logits).float(), dim=-1)  # [n, V]
+            tokens = gen.sequences[0, len(ids) :]
+            top2 = lps.topk(2, dim=-1).values
+            chosen = lps.gather(1, tokens[:, None])[:, 0]
+            out.append((tokens.tolist(), chosen.tolist(), (top2[:, 0] - top2[:, 1]).tolist()))
+    del model
+    _release(device)
+    return out
+
+
+def kvserve_greedy(llm: LLM, prompts: list[list[int]], n: int) -> list[tuple]:
+    """(tokens, chosen logprobs, prompt tokens from the prefix cache) per prompt, batched."""
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=1, detokenize=False)
+    result = []
+    for o in llm.generate(_ids(prompts), params, use_tqdm=False):
         c = o.outputs[0]
-        results.append({"ids": list(c.token_ids), "lps": [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]})
-    return results, elapsed
+        lps = [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]
+        result.append((list(c.token_ids), lps, o.num_cached_tokens))
+    return result
 
 
-def prepare(folder: str) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import build_tiny_llama
+def check_exactness(folder: Path, cfg: dict, device: str, plan: Plan) -> bool:
+    prompts = exactness_prompts(cfg["vocab_size"])
+    reference = hf_greedy(folder, prompts, plan.new_tokens, device)
+    runs = {}
+    for mode, kwargs in (("plain", dict(enable_prefix_caching=False)),
+                         ("chunked", dict(enable_prefix_caching=False, max_num_batched_tokens=32)),
+                         ("prefix", dict(enable_prefix_caching=True))):  # fmt: skip
+        llm = LLM(str(folder), dtype="float32", device=device, max_model_len=1024, kv_cache_memory_bytes=512 << 20,
+                  **kwargs)  # fmt: skip
+        backend = llm.llm_engine.runner.backend.name
+        runs[mode] = kvserve_greedy(llm, prompts, plan.new_tokens)
+        if mode == "prefix":  # the first run filled the cache: now every full block is a hit
+            runs["prefix-hit"] = kvserve_greedy(llm, prompts, plan.new_tokens)
+        del llm
+        _release(device)
+    ok = True
+    for i, (ids, (ref_tokens, ref_lps, margins)) in enumerate(zip(prompts, reference)):
+        cells = []
+        for mode, results in runs.items():
+            tokens, lps, cached = results[i]
+            if tokens == ref_tokens:
+                diff = max(abs(a - b) for a, b in zip(lps, ref_lps))
+                ok &= diff < TOLERANCE
+                cells.append(f"{mode} same {diff:.1e}")
+            else:
+                ok = False
+                first = next((j for j, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), len(margins) - 1)
+                cells.append(f"{mode} DIFFER from token {first} (HF's top-1 margin there {margins[first]:.1e})")
+            cells[-1] += f" (cached {cached})" if mode == "prefix-hit" else ""
+        print(f"  prompt {i} ({len(ids):3d} tokens, min top-1 margin {min(margins):.3f}): " + " | ".join(cells))
+    hits = sum(r[2] for r in runs["prefix-hit"])
+    ok &= hits > 0
+    print(f"  (a) float32, {plan.new_tokens} greedy tokens x 8 prompts x 4 runs (attention {backend}; prefix hits "
+          f"{hits} tokens): {'PASS' if ok else 'FAIL'} (tokens identical, |logprob diff| < {TOLERANCE})")  # fmt: skip
+    return ok
 
-    build_tiny_llama(Path(folder))
-    results, _ = _run(folder, "cpu")
-    (Path(folder) / "cpu_outputs.json").write_text(json.dumps(results))
-    print(f"wrote {folder}")
+
+# --- (b) speed, (c) graphs -----------------------------------------------------------------------
+def copy_bandwidth(device: str, nbytes: int) -> float:
+    """Bytes/s of a device-to-device copy, read and write counted."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    reps, t0 = 10, time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * nbytes * reps / (time.perf_counter() - t0)
 
 
-def check(folder: str, device: str = "cuda") -> int:
-    import torch
+def roofline_ms(folder: Path, cfg: dict, plan: Plan, bandwidth: float) -> float:
+    """Batch-1 decode's floor: the bf16 weights (tied: the head is the embedding) and the KV cache at
+    the mean context, read once per token."""
+    from safetensors import safe_open
 
-    expected = json.loads((Path(folder) / "cpu_outputs.json").read_text())
-    results, elapsed = _run(folder, device)
-    bad = 0
-    for i, (got, want) in enumerate(zip(results, expected)):
-        same = got["ids"] == want["ids"]
-        diff = max(abs(a - b) for a, b in zip(got["lps"], want["lps"])) if same else float("nan")
-        ok = same and diff < 1e-3
-        bad += not ok
-        print(f"prompt {i}: tokens {'identical' if same else 'DIFFER'}, max |logprob diff| {diff:.2e}")
-    name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else device
-    print(f"device {name}: {len(results)} prompts in {elapsed:.2f} s; mismatches: {bad}")
-    return 1 if bad else 0
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        weights = 2 * sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_token = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim * 2  # bf16 K and V
+    in_len, out_len = plan.decode
+    read = weights + kv_token * (in_len + out_len / 2)
+    ms = read / bandwidth * 1000
+    print(f"  roofline: {read / 1e6:.1f} MB read per token (weights {weights / 1e6:.1f} MB + KV at mean context "
+          f"{in_len + out_len // 2}) / {bandwidth / 1e9:.0f} GB/s = {ms:.3f} ms/token")  # fmt: skip
+    return ms
+
+
+def decode_ms_per_token(llm: LLM, vocab: int, plan: Plan) -> float:
+    """Batch 1: (time of in + out tokens - time of in + 1) / (out - 1), three distinct prompts."""
+    in_len, out_len = plan.decode
+    warm, first, full = random_prompts(3, in_len, vocab, set(), 7)
+    params = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)  # noqa: E731
+    llm.generate(_ids([warm]), params(16), use_tqdm=False)
+    times = []
+    for prompt, n in ((first, 1), (full, out_len)):
+        t0 = time.perf_counter()
+        llm.generate(_ids([prompt]), params(n), use_tqdm=False)
+        times.append(time.perf_counter() - t0)
+    return (times[1] - times[0]) * 1000 / (out_len - 1)
+
+
+def kvserve_offline(llm: LLM, prompts: list[list[int]], warmup: list[list[int]], out_len: int) -> float:
+    """Seconds for all prompts at once, after a warm-up on as many others (no prefix-cache hits)."""
+    params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True, detokenize=False)
+    llm.generate(_ids(warmup), SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False), use_tqdm=False)
+    t0 = time.perf_counter()
+    outs = llm.generate(_ids(prompts), params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    assert all(len(o.outputs[0].token_ids) == out_len for o in outs)
+    return seconds
+
+
+def hf_offline(folder: Path, prompts: list[list[int]], out_len: int, batch: int, device: str) -> float:
+    """HF generate, bf16, static batches of equal-length prompts (so no padding), greedy."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
+    ids = torch.tensor(prompts, device=device)
+
+    def generate(x, n):
+        return model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0)  # fmt: skip
+
+    with torch.inference_mode():
+        generate(ids[:batch], 4)  # warm-up at the batch's shape
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(0, len(ids), batch):
+            assert generate(ids[i : i + batch], out_len).shape[1] == ids.shape[1] + out_len
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    del model
+    _release(device)
+    return seconds
+
+
+def _config_value(config, name: str):
+    """A field anywhere in the engine's nested config dataclasses, else None."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == name:
+            return value
+        if dataclasses.is_dataclass(value) and (found := _config_value(value, name)) is not None:
+            return found
+    return None
+
+
+def speed_mode(folder: Path, cfg: dict, device: str, plan: Plan, eager: bool, prompts, floor_ms: float) -> dict:
+    """(b) on one engine: batch-1 decode, then offline throughput."""
+    num, in_len, out_len = plan.offline
+    llm = LLM(str(folder), dtype="bfloat16", device=device, enforce_eager=eager, max_model_len=1024,
+              max_num_seqs=256, kv_cache_memory_bytes=plan.kv_bytes)  # fmt: skip
+    honoured = _config_value(llm.llm_engine.config, "enforce_eager") is not None
+    backend = llm.llm_engine.runner.backend.name
+    ms = decode_ms_per_token(llm, cfg["vocab_size"], plan)
+    warmup = random_prompts(num, in_len, cfg["vocab_size"], set(), 12)
+    tok_s = num * out_len / kvserve_offline(llm, prompts, warmup, out_len)
+    del llm
+    _release(device)
+    print(f"  (b) kvserve bf16, enforce_eager={eager}{'' if honoured else ' (this build ignores it)'}, attention "
+          f"{backend}: batch-1 decode {ms:.3f} ms/token = {floor_ms / ms:.0%} of the roofline; "
+          f"offline {num} x {in_len} in / {out_len} out: {tok_s:.0f} output tok/s")  # fmt: skip
+    return {"ms": ms, "roofline": floor_ms / ms, "tok_s": tok_s}
+
+
+def check_speed(folder: Path, cfg: dict, device: str, plan: Plan, bandwidth: float) -> dict:
+    """(b) and (c): {"modes": {"graphs on" / "graphs off" / "eager": ...}, "hf_tok_s": ...}; a mode
+    that raises is reported and left out."""
+    floor_ms = roofline_ms(folder, cfg, plan, bandwidth)
+    num, in_len, out_len = plan.offline
+    prompts = random_prompts(num, in_len, cfg["vocab_size"], set(), 11)
+    on_cuda, modes = device.startswith("cuda"), {}
+    for eager in (False, True) if on_cuda else (True,):
+        try:
+            name = ("graphs off" if eager else "graphs on") if on_cuda else "eager"
+            modes[name] = speed_mode(folder, cfg, device, plan, eager, prompts, floor_ms)
+        except Exception:
+            traceback.print_exc(file=sys.stdout)
+            _release(device)
+    if not on_cuda:
+        print("  (c) CUDA graphs: CUDA only, skipped on this device")
+    elif len(modes) == 2:
+        on, off = modes["graphs on"], modes["graphs off"]
+        print(f"  (c) CUDA graphs on / off: batch-1 decode {on['ms']:.3f} / {off['ms']:.3f} ms/token "
+              f"({off['ms'] / on['ms']:.2f}x), offline {on['tok_s']:.0f} / {off['tok_s']:.0f} tok/s")  # fmt: skip
+    hf_tok_s = num * out_len / hf_offline(folder, prompts, out_len, plan.hf_batch, device)
+    best = max((m["tok_s"] for m in modes.values()), default=None)
+    print(f"  (b) HF transformers generate, bf16, static batch {plan.hf_batch}: {hf_tok_s:.0f} output tok/s; "
+          + (f"kvserve's best / HF = {best / hf_tok_s:.2f}x" if best else "kvserve not measured"))  # fmt: skip
+    return {"modes": modes, "hf_tok_s": hf_tok_s}
+
+
+# --- the run ------------------------------------------------------------------------------------
+def print_environment(device: str) -> None:
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
+    print(f"device {device}: {name}; torch {torch.__version__}, triton {triton_version}, "
+          f"transformers {transformers.__version__}, python {platform.python_version()}")  # fmt: skip
+
+
+def print_targets(exact: dict[str, bool], speed: dict[str, Optional[dict]], device: str) -> None:
+    print(f"targets ({TARGET} shape):")
+    modes = (speed.get(TARGET) or {}).get("modes")
+    if not device.startswith("cuda"):
+        for target in ("batch-1 decode >= 50% of the HBM roofline", "offline >= 5x HF generate"):
+            print(f"  {target}: dry run, timing still to be taken")
+    elif not modes:
+        print("  batch-1 decode and offline targets: not measured (see the errors above)")
+    else:
+        mode, best = max(modes.items(), key=lambda kv: kv[1]["roofline"])
+        print(f"  batch-1 decode >= 50% of the HBM roofline: {best['roofline']:.0%} ({mode}): "
+              f"{'met' if best['roofline'] >= 0.5 else 'not met'}")  # fmt: skip
+        mode, best = max(modes.items(), key=lambda kv: kv[1]["tok_s"])
+        ratio = best["tok_s"] / speed[TARGET]["hf_tok_s"]
+        print(f"  offline >= 5x HF generate: {ratio:.2f}x ({mode}): {'met' if ratio >= 5 else 'not met'}")
+    if TARGET in exact:
+        print(f"  float32 exactness vs HF (plain, chunked, prefix hits): {'met' if exact[TARGET] else 'not met'}")
+
+
+def run_shape(shape: str, folder: Path, args, plan: Plan, bandwidth: Optional[float], results: dict) -> None:
+    """(a), then (b) and (c), of one shape; a section that raises is reported and counts as failed."""
+    layers = args.layers or plan.layers or SHAPES[shape]["num_hidden_layers"]
+    t0 = time.perf_counter()
+    cfg = build_model(folder, shape, layers, args.device)
+    print(f"== {shape} shape, {layers} of {SHAPES[shape]['num_hidden_layers']} layers, random weights "
+          f"(built in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    sections = {"exact": lambda: check_exactness(folder, cfg, args.device, plan)}
+    if bandwidth:
+        sections["speed"] = lambda: check_speed(folder, cfg, args.device, plan, bandwidth)
+    for key, section in sections.items():
+        t0 = time.perf_counter()
+        try:
+            results[key][shape] = section()
+        except Exception:
+            traceback.print_exc(file=sys.stdout)
+            results[key][shape] = False if key == "exact" else None
+            _release(args.device)
+        print(f"  ({key} took {time.perf_counter() - t0:.0f} s)")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda (the check) or cpu (the dry run)")
+    p.add_argument("--layers", type=int, default=None, help="layers of each shape (default: all on CUDA, 2 on a CPU)")
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--new-tokens", type=int, default=None, help="(a)'s greedy tokens per prompt")
+    p.add_argument("--skip-speed", action="store_true", help="(a) only")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    plan = PLANS["cuda" if args.device.startswith("cuda") else "cpu"]
+    if args.new_tokens:
+        plan = dataclasses.replace(plan, new_tokens=args.new_tokens)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 in (a), for HF too
+    print_environment(args.device)
+    bandwidth = None if args.skip_speed else copy_bandwidth(args.device, plan.copy_bytes)
+    if bandwidth:
+        print(f"device copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
+    results, t_start = {"exact": {}, "speed": {}}, time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        for shape in args.shapes:
+            run_shape(shape, Path(tmp) / shape, args, plan, bandwidth, results)
+    exact = results["exact"]
+    print_targets(exact, results["speed"], args.device)
+    ok = bool(exact) and all(exact.values())
+    print(f"done in {time.perf_counter() - t_start:.0f} s; exactness {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--device":  # prepare and check in one run
-        with tempfile.TemporaryDirectory() as tmp:
-            prepare(tmp)
-            sys.exit(check(tmp, sys.argv[2]))
-    cmd, folder = sys.argv[1], sys.argv[2]
-    if cmd == "prepare":
-        prepare(folder)
-    else:
-        sys.exit(check(folder))
+    sys.exit(main())
