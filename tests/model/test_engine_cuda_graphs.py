@@ -109,3 +109,17 @@ def test_enforce_eager_reaches_the_engine_config(tiny_llama_dir):
         assert EngineArgs(**kwargs).create_engine_config().compilation == CompilationConfig(enforce_eager=expected)
     llm = LLM(tiny_llama_dir, dtype="float32", device="cpu", kv_cache_memory_bytes=16 << 20, enforce_eager=True)
     assert llm.llm_engine.config.compilation.enforce_eager and llm.llm_engine.runner.graphs is None
+
+
+def test_a_capture_that_fails_leaves_the_engine_eager(tiny_llama_dir, monkeypatch, caplog):
+    def failing_capture(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(model_runner, "get_attention_backend", lambda device, dtype: TorchAttentionBackend())
+    monkeypatch.setattr(model_runner, "graph_capture_for", lambda config, backend: failing_capture)
+    with caplog.at_level("WARNING"):
+        llm = LLM(tiny_llama_dir, dtype="float32", device="cpu", kv_cache_memory_bytes=16 << 20)
+    assert llm.llm_engine.runner.graphs is None
+    assert "CUDA graph capture failed (RuntimeError: operation not permitted" in caplog.text and "--enforce-eager" in caplog.text
+    [out] = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 4

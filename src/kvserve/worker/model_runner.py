@@ -121,7 +121,14 @@ class ModelRunner:
             cache[:, scratch_block].zero_()
         bs = self.config.cache.block_size
         buffers = DecodeBuffers(sizes[-1], bs, sched.max_model_len, scratch_block, self.device)
-        self.graphs = CudaGraphRunner(self.model, self.backend, buffers, sizes, self._graph_capture)
+        try:
+            self.graphs = CudaGraphRunner(self.model, self.backend, buffers, sizes, self._graph_capture)
+        except Exception as e:  # (out of memory, an op that cannot be captured): serve eagerly, say why
+            logger.warning("CUDA graph capture failed (%s: %s); every step runs eagerly. Pass --enforce-eager "
+                           "to skip the capture.", type(e).__name__, e)  # fmt: skip
+            self.graphs = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def execute_model(self, sched_out: SchedulerOutput) -> ModelRunnerOutput:
