@@ -13,10 +13,8 @@ SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # "gguf" / "awq" / "gptq" = insist on that, "none" = dequantize every GGUF weight at load, "int8" /
 # "int4" = quantize a float checkpoint's linears at load (weight-only; model/hf_quant.py).
 QUANTIZATIONS = (None, "gguf", "none", "int8", "int4", "awq", "gptq")
-# Quantizations whose linears stay blocks computed by the CPU block kernels (float32 sums, any x dtype).
-BLOCK_QUANTIZATIONS = ("gguf", "int8", "int4", "awq", "gptq")
 # --kv-cache-dtype (vLLM's flag): "auto" = the model's activation dtype (or bfloat16 under a bf16
-# request over blocks: EngineArgs); else the cache's own (bfloat16 under float32 activations).
+# request over GGUF blocks: EngineArgs); else the cache's own (bfloat16 under float32 activations).
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 
 

@@ -57,7 +57,7 @@ class ServerConfig:
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache of shared prompt prefixes")
     kv_cache_memory_bytes: Optional[int] = _opt(None, "KV-cache budget in bytes (default: a fraction of free memory)")
     kv_cache_dtype: str = _opt(
-        "auto", "the KV cache's dtype (default: the activations'; bfloat16 under --dtype bfloat16 over quantized "
+        "auto", "the KV cache's dtype (default: the activations'; bfloat16 under --dtype bfloat16 over GGUF "
         "blocks, whose activations stay float32)", choices=KV_CACHE_DTYPES,
     )
     device: str = _opt("auto", "where the model runs", choices=("auto", "cpu", "cuda"))

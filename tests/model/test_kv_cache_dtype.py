@@ -27,6 +27,11 @@ def test_bfloat16_over_blocks_keeps_float32_activations_and_a_bfloat16_cache():
     assert _dtypes(model=gguf, dtype="bfloat16", quantization="none") == (None, "bfloat16", "bfloat16")
 
 
+def test_quantized_folders_keep_bfloat16_activations(tiny_llama_dir):
+    # Their embeddings and LM head stay dense: in float32 the head would read twice the bytes per step.
+    assert _dtypes(model=tiny_llama_dir, dtype="bfloat16", quantization="int8") == ("int8", "bfloat16", "bfloat16")
+
+
 def test_kv_cache_dtype_errors_say_what_is_supported(tiny_llama_dir):
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, float32, bfloat16"):
         EngineArgs(model=tiny_llama_dir, kv_cache_dtype="fp8").create_engine_config()
