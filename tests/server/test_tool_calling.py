@@ -142,6 +142,18 @@ def test_auto_reads_hermes_calls_out_of_the_text(default_client):
     assert no_tools.choices[0].message.content == content  # SmolLM2's template does not show tools
 
 
+def test_auto_without_parallel_calls_gives_the_first_call_only(default_client):
+    second = '<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>\n'
+    regex = HERMES_REGEX + "".join("\\" + c if c in "{}[]().*+?|^$\\" else c for c in second)
+    forced = {"structured_outputs": {"regex": regex}}
+    both = ask(default_client, "Weather and time?", extra_body=forced)
+    assert [name for name, _ in answer(both)[1]] == ["get_weather", "get_time"]
+    one = ask(default_client, "Weather and time?", parallel_tool_calls=False, extra_body=forced)
+    assert answer(one) == ("Let me check.", answer(both)[1][:1], "tool_calls")
+    chunks = ask(default_client, "Weather and time?", parallel_tool_calls=False, extra_body=forced, stream=True)
+    assert streamed(chunks) == answer(one)
+
+
 def test_history_with_calls_and_tool_results_renders_through_the_template(default_server, default_client):
     question = {"role": "user", "content": "What is the weather in Paris?"}
     weather = {"type": "function", "function": {"name": "get_weather"}}

@@ -141,7 +141,7 @@ class OpenAIServingChat:
         if ctx.tools.parser is not None:
             found = ctx.tools.parser.extract_tool_calls(message.content)
             calls = [ToolCall(id=ctx.new_call_id(), function=FunctionCall(name=call.name, arguments=call.arguments))
-                     for call in found.calls]  # fmt: skip
+                     for call in found.calls[: _max_calls(ctx)]]  # fmt: skip
             message = ChatMessageOut(content=found.content, tool_calls=calls)
         return ChatChoice(
             index=index, message=message, finish_reason=_finish_reason(c.finish_reason, bool(message.tool_calls)),
@@ -203,7 +203,10 @@ class OpenAIServingChat:
             return [DeltaMessage(content=text or None)]
         new: StreamDelta = choice.tool_stream.feed(text, final)
         deltas = [DeltaMessage(content=new.content)] if new.content else []
+        limit = _max_calls(ctx)
         for call in new.tool_calls:
+            if limit is not None and call.index >= limit:
+                continue
             if call.name is not None:  # a call's first delta
                 function = DeltaFunctionCall(name=call.name, arguments="")
                 tool = DeltaToolCall(index=call.index, id=ctx.new_call_id(), type="function", function=function)
@@ -238,6 +241,12 @@ class OpenAIServingChat:
             prompt_tokens=ctx.num_prompt_tokens, completion_tokens=completion_tokens,
             total_tokens=ctx.num_prompt_tokens + completion_tokens,
         )  # fmt: skip
+
+
+def _max_calls(ctx: _Context) -> Optional[int]:
+    """parallel_tool_calls false: only the first call the answer makes is given (as vLLM filters them;
+    "required" already asks the grammar for one). None: all of them."""
+    return 1 if ctx.request.parallel_tool_calls is False else None
 
 
 def _finish_reason(reason: Optional[str], has_calls: bool) -> Optional[str]:
