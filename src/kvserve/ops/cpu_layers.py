@@ -49,6 +49,17 @@ class CpuLayerStack:
         self.hidden_size = first.input_layernorm.weight.shape[0]
         self.intermediate = _shape(first.mlp.down_proj)[1]  # down_proj's K
         self.block_size = attn.kv_cache.shape[2]
+        self.dtype_code = _DTYPES[self.dtype, self.cache_dtype]
+        # Scratch bytes per row. Activations: normed, qkv, gate_up, act (+ attention out read back,
+        # mixed); the cache's type: (qkv, mixed), q, attention out, prefix out; prefix lse float32:
+        # see the C++. The call adds 128 bytes for its two 64-byte alignments.
+        mixed, hd = self.cache_dtype != self.dtype, self.num_heads * self.head_dim
+        w = hd + 2 * self.num_kv_heads * self.head_dim  # a qkv row
+        act_elems = self.hidden_size + w + 3 * self.intermediate + (hd if mixed else 0)
+        cache_elems = (w if mixed else 0) + 3 * hd
+        self.scratch_row_bytes = (
+            act_elems * self.dtype.itemsize + cache_elems * self.cache_dtype.itemsize + 4 * self.num_heads
+        )
         rows = []
         for layer in layers:
             keys, values = cpu_ops.kv_halves(layer.self_attn.attn.kv_cache)
@@ -116,13 +127,7 @@ class CpuLayerStack:
             return None
         out, residual = torch.empty_like(hidden), hidden.new_empty(hidden.shape, dtype=torch.float32)
         heads, kv, d, i = self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate
-        # Activations: normed, qkv, gate_up, act (+ attention out read back, mixed); the cache's type:
-        # (qkv, mixed), q, attention out, prefix out; prefix lse float32: see the C++. Two 64-byte alignments.
-        mixed, w = self.cache_dtype != self.dtype, (heads + 2 * kv) * d
-        act_elems = self.hidden_size + w + 3 * i + (heads * d if mixed else 0)
-        cache_elems = (w if mixed else 0) + 3 * heads * d
-        per_row = act_elems * hidden.element_size() + cache_elems * _size(self.cache_dtype) + 4 * heads
-        scratch = torch.empty(m * per_row + 128, dtype=torch.uint8)
+        scratch = torch.empty(m * self.scratch_row_bytes + 128, dtype=torch.uint8)
         tables = meta.block_tables_host
         prefix = (cascade.prefix_blocks.numel(), cascade.prefix_first) if cascade is not None else (0, 0)
         dims = torch.tensor(
@@ -131,7 +136,7 @@ class CpuLayerStack:
             dtype=torch.long,
         )  # fmt: skip
         done = cpu_build.load().kv_llama_layers(
-            _DTYPES[self.dtype, self.cache_dtype], self.num_layers, self.pointers.data_ptr(), hidden.data_ptr(), out.data_ptr(), residual.data_ptr(),
+            self.dtype_code, self.num_layers, self.pointers.data_ptr(), hidden.data_ptr(), out.data_ptr(), residual.data_ptr(),
             scratch.data_ptr(), dims.data_ptr(), cos_sin.data_ptr(), meta.slot_mapping.data_ptr(), tables.data_ptr(),
             meta.seq_lens.data_ptr(), meta.query_start_loc_host.data_ptr(), reqs.data_ptr(),
             plan.fresh_starts.data_ptr(), plan.fresh_lens.data_ptr(), self.eps, self.scale,
@@ -141,10 +146,6 @@ class CpuLayerStack:
 
 # (activations, KV cache) -> the kernel's dtype code
 _DTYPES = {(torch.float32, torch.float32): 0, (torch.bfloat16, torch.bfloat16): 1, (torch.float32, torch.bfloat16): 2}
-
-
-def _size(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
 
 
 def _weight(linear) -> torch.Tensor:
