@@ -8,7 +8,10 @@ prints, for each:
       (CUDA graphs on): identical tokens, logprobs within 1e-3;
   (b) bf16 speed: batch-1 decode ms/token vs the HBM roofline (weight + KV bytes read per token /
       the measured device copy bandwidth), and offline output tok/s vs HF `generate` (static batch);
-  (c) (b) with CUDA graphs on and off (LLM's enforce_eager).
+  (c) (b) with CUDA graphs on and off (LLM's enforce_eager);
+  (d) the fused Triton norms, rotary and SiLU-and-mul (ops/triton_ops.py) against their torch-native
+      references: each op's time alone (eager launches, and inside a CUDA graph) at decode and
+      prompt sizes, then (b) again with them off (compilation_config custom_ops ["none"]).
 Then the targets for the 0.5B shape: decode >= 50% of the roofline, offline >= 5x HF, exactness.
 
 `python benchmarks/gpu_check.py --device cuda` is the GPU run (benchmarks/gpu_run.sh adds the wheels
@@ -247,11 +250,15 @@ def _config_value(config, name: str):
     return None
 
 
-def speed_mode(folder: Path, cfg: dict, device: str, plan: Plan, eager: bool, prompts, floor_ms: float) -> dict:
-    """(b) on one engine: batch-1 decode, then offline throughput."""
+def speed_mode(
+    folder: Path, cfg: dict, device: str, plan: Plan, eager: bool, prompts, floor_ms: float, fused: bool = True
+) -> dict:
+    """(b) on one engine: batch-1 decode, then offline throughput; fused: the Triton norms, rotary and
+    SiLU (custom_ops all), else their torch-native references (none)."""
     num, in_len, out_len = plan.offline
     llm = LLM(str(folder), dtype="bfloat16", device=device, enforce_eager=eager, max_model_len=1024,
-              max_num_seqs=256, kv_cache_memory_bytes=plan.kv_bytes)  # fmt: skip
+              max_num_seqs=256, kv_cache_memory_bytes=plan.kv_bytes,
+              compilation_config={"custom_ops": ["all" if fused else "none"]})  # fmt: skip
     honoured = _config_value(llm.llm_engine.config, "enforce_eager") is not None
     backend = llm.llm_engine.runner.backend.name
     ms = decode_ms_per_token(llm, cfg["vocab_size"], plan)
@@ -259,7 +266,9 @@ def speed_mode(folder: Path, cfg: dict, device: str, plan: Plan, eager: bool, pr
     tok_s = num * out_len / kvserve_offline(llm, prompts, warmup, out_len)
     del llm
     _release(device)
-    print(f"  (b) kvserve bf16, enforce_eager={eager}{'' if honoured else ' (this build ignores it)'}, attention "
+    fused_text = f", fused ops {'on' if fused else 'off'}" if device.startswith("cuda") else ""  # (a CPU's: C++)
+    print(f"  (b) kvserve bf16, enforce_eager={eager}{'' if honoured else ' (this build ignores it)'}{fused_text}, "
+          f"attention "
           f"{backend}: batch-1 decode {ms:.3f} ms/token = {floor_ms / ms:.0%} of the roofline; "
           f"offline {num} x {in_len} in / {out_len} out: {tok_s:.0f} output tok/s")  # fmt: skip
     return {"ms": ms, "roofline": floor_ms / ms, "tok_s": tok_s}
@@ -272,13 +281,21 @@ def check_speed(folder: Path, cfg: dict, device: str, plan: Plan, bandwidth: flo
     num, in_len, out_len = plan.offline
     prompts = random_prompts(num, in_len, cfg["vocab_size"], set(), 11)
     on_cuda, modes = device.startswith("cuda"), {}
-    for eager in (False, True) if on_cuda else (True,):
+    runs = [(False, True), (True, True), (False, False), (True, False)] if on_cuda else [(True, True)]
+    for eager, fused in runs:  # (d): the last two, fused ops off
         try:
             name = ("graphs off" if eager else "graphs on") if on_cuda else "eager"
-            modes[name] = speed_mode(folder, cfg, device, plan, eager, prompts, floor_ms)
+            name += "" if fused else ", unfused"
+            modes[name] = speed_mode(folder, cfg, device, plan, eager, prompts, floor_ms, fused)
         except Exception:
             traceback.print_exc(file=sys.stdout)
             _release(device)
+    for graphs in ("graphs on", "graphs off") if on_cuda else ():
+        fused, unfused = modes.get(graphs), modes.get(graphs + ", unfused")
+        if fused and unfused:
+            print(f"  (d) fused ops on / off, {graphs}: batch-1 decode {fused['ms']:.3f} / {unfused['ms']:.3f} ms/token "
+                  f"({unfused['ms'] / fused['ms']:.2f}x), offline {fused['tok_s']:.0f} / {unfused['tok_s']:.0f} "
+                  f"tok/s ({fused['tok_s'] / unfused['tok_s']:.2f}x)")  # fmt: skip
     if not on_cuda:
         print("  (c) CUDA graphs: CUDA only, skipped on this device")
     elif len(modes) == 2:
@@ -286,10 +303,82 @@ def check_speed(folder: Path, cfg: dict, device: str, plan: Plan, bandwidth: flo
         print(f"  (c) CUDA graphs on / off: batch-1 decode {on['ms']:.3f} / {off['ms']:.3f} ms/token "
               f"({off['ms'] / on['ms']:.2f}x), offline {on['tok_s']:.0f} / {off['tok_s']:.0f} tok/s")  # fmt: skip
     hf_tok_s = num * out_len / hf_offline(folder, prompts, out_len, plan.hf_batch, device)
-    best = max((m["tok_s"] for m in modes.values()), default=None)
+    best = max((m["tok_s"] for m in modes.values()), default=None)  # (over fused and unfused: the best we serve)
     print(f"  (b) HF transformers generate, bf16, static batch {plan.hf_batch}: {hf_tok_s:.0f} output tok/s; "
           + (f"kvserve's best / HF = {best / hf_tok_s:.2f}x" if best else "kvserve not measured"))  # fmt: skip
     return {"modes": modes, "hf_tok_s": hf_tok_s}
+
+
+# --- (d) fused ops alone -------------------------------------------------------------------------
+def op_timings(cfg: dict, device: str, sizes: tuple[int, ...] = (1, 64, 256, 4096)) -> None:
+    """Each fused op and its torch-native reference (the layer's own code, fused ops on and off),
+    bf16 at the shape's widths, T tokens: microseconds per call with eager launches (what an eager
+    step pays), and per call inside one captured CUDA graph of 20 calls (what a decode graph pays)."""
+    from kvserve.layers.activation import SiluAndMul
+    from kvserve.layers.norm import RMSNorm
+    from kvserve.layers.rotary import RotaryEmbedding
+    from kvserve.ops import gpu_ops
+
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    hq, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = hidden // hq
+    norm = RMSNorm(hidden, cfg["rms_norm_eps"], dtype=torch.bfloat16).to(device)
+    norm.weight.data.normal_(1.0, 0.1)
+    rotary, act = RotaryEmbedding(d, 4096, cfg["rope_theta"]).to(device), SiluAndMul()
+    rotary.init_cache()
+    print("  (d) fused op vs torch-native, bf16, us per call, eager launches / inside a CUDA graph:")
+    for t in sizes:
+        x = torch.randn(t, hidden, device=device, dtype=torch.bfloat16)
+        residual = torch.randn(t, hidden, device=device)
+        qkv = torch.randn(t, (hq + 2 * hkv) * d, device=device, dtype=torch.bfloat16)
+        q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        cos_sin = rotary.cos_sin(torch.arange(t, device=device) % 4096)
+        gate_up = torch.randn(t, 2 * inter, device=device, dtype=torch.bfloat16)
+        ops = {
+            "add+rms_norm": lambda: norm(x, residual),
+            "rotary": lambda: rotary(cos_sin, q, k),
+            "silu_and_mul": lambda: act(gate_up),
+        }
+        cells = []
+        for name, fn in ops.items():
+            times = {}
+            for fused in (True, False):
+                gpu_ops.configure(("all",) if fused else ("none",), device)
+                times[fused] = (_us_per_call(fn, device), _us_per_call_in_graph(fn, device))
+            (fe, fg), (re, rg) = times[True], times[False]
+            cells.append(f"{name} {fe:.1f} / {fg:.1f} vs {re:.1f} / {rg:.1f} ({re / fe:.1f}x / {rg / fg:.1f}x)")
+        print(f"      T={t:5d}: " + "; ".join(cells))
+    gpu_ops.configure(("all",), device)
+
+
+def _us_per_call(fn, device: str, iters: int = 200) -> float:
+    for _ in range(10):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / iters * 1e6
+
+
+def _us_per_call_in_graph(fn, device: str, calls: int = 20, replays: int = 20) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as torch's capture asks
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    _sync(device)
+    return (time.perf_counter() - t0) / (calls * replays) * 1e6
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -336,6 +425,8 @@ def run_shape(shape: str, folder: Path, args, plan: Plan, bandwidth: Optional[fl
     sections = {"exact": lambda: check_exactness(folder, cfg, args.device, plan)}
     if bandwidth:
         sections["speed"] = lambda: check_speed(folder, cfg, args.device, plan, bandwidth)
+        if args.device.startswith("cuda"):
+            sections["ops"] = lambda: op_timings(cfg, args.device)
     for key, section in sections.items():
         t0 = time.perf_counter()
         try:
@@ -365,7 +456,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     bandwidth = None if args.skip_speed else copy_bandwidth(args.device, plan.copy_bytes)
     if bandwidth:
         print(f"device copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
-    results, t_start = {"exact": {}, "speed": {}}, time.perf_counter()
+    results, t_start = {"exact": {}, "speed": {}, "ops": {}}, time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         for shape in args.shapes:
             run_shape(shape, Path(tmp) / shape, args, plan, bandwidth, results)

@@ -35,6 +35,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: decode steps run eagerly too (a CPU always does)")
+    p.add_argument("--compilation-config", "-O", default=None, metavar="JSON",
+                   help="vLLM's compilation config: custom_ops (the GPU's fused Triton ops: all / none, "
+                   "+op / -op for rms_norm, silu_and_mul, rotary_embedding) and max_cudagraph_capture_size")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -46,6 +49,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         block_size=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         kv_cache_dtype=args.kv_cache_dtype, seed=args.seed, device=args.device, enforce_eager=args.enforce_eager,
+        compilation_config=args.compilation_config,
     )  # fmt: skip
 
 

@@ -83,12 +83,15 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class CompilationConfig:
-    """CUDA graphs of decode-only steps (worker/cuda_graphs.py); they apply only on a CUDA device."""
+    """CUDA graphs of decode-only steps (worker/cuda_graphs.py) and the GPU's fused Triton ops
+    (ops/gpu_ops.py); both apply only on a GPU."""
 
     enforce_eager: bool = False  # vLLM's flag: no graphs, every step runs eagerly
     # Largest decode batch captured (vLLM's name); the ladder stops at min(this, max_num_seqs), and a
     # larger decode-only step runs eagerly.
     max_cudagraph_capture_size: int = 256
+    # vLLM's custom_ops: "all" / "none", then "+op" / "-op" (rms_norm, silu_and_mul, rotary_embedding).
+    custom_ops: tuple[str, ...] = ("all",)
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,11 @@ class ServerConfig:
     )
     device: str = _opt("auto", "where the model runs", choices=("auto", "cpu", "cuda"))
     enforce_eager: bool = _opt(False, "no CUDA graphs: decode steps run eagerly too (a CPU always does)")
+    compilation_config: Optional[str] = _opt(
+        None, "vLLM's compilation config, JSON: custom_ops (the GPU's fused Triton ops: \"all\" / \"none\", "
+        "\"+op\" / \"-op\" for rms_norm, silu_and_mul, rotary_embedding; default all) and "
+        "max_cudagraph_capture_size (default 256); other keys are ignored",
+    )
     chat_template: Optional[str] = _opt(
         None, "Jinja chat template: a file path or the template itself (default: the model's)"
     )
@@ -98,6 +103,11 @@ class ServerConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.compilation_config is not None:  # before anything starts, not when the engine loads
+            try:
+                self.engine_args()._compilation()
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -124,7 +134,8 @@ class ServerConfig:
             max_num_batched_tokens_while_decoding=self.max_num_batched_tokens_while_decoding,
             block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes, kv_cache_dtype=self.kv_cache_dtype, seed=self.seed,
-            device=self.device, enforce_eager=self.enforce_eager, serving=True,
+            device=self.device, enforce_eager=self.enforce_eager, compilation_config=self.compilation_config,
+            serving=True,
         )  # fmt: skip
 
 
@@ -230,6 +241,8 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             return tuple(str(s).strip() for s in raw)
         if base in (int, float) and isinstance(raw, bool):
             raise ValueError("expected a number")
+        if base is str and isinstance(raw, (dict, list)):  # a file's mapping for a JSON setting
+            raw = json.dumps(raw)
         value = base(raw)
         if base is int and isinstance(raw, float) and raw != value:
             raise ValueError("expected an integer")

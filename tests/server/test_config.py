@@ -120,3 +120,21 @@ def test_enforce_eager_follows_the_same_precedence(tmp_path):
     assert parse(["--config", str(file)], {"KVSERVE_ENFORCE_EAGER": "0"}).enforce_eager is False  # env over file
     assert parse(["--enforce-eager"], {"KVSERVE_ENFORCE_EAGER": "false"}).enforce_eager is True  # flag over env
     assert parse(["--no-enforce-eager"], {"KVSERVE_ENFORCE_EAGER": "1"}).enforce_eager is False
+
+
+def test_compilation_config_follows_the_same_precedence(tmp_path):
+    """vLLM's --compilation-config: JSON text on the command line or in the environment, a mapping
+    (or JSON text) in the file; a bad one is a ConfigError before anything starts."""
+    file = tmp_path / "serve.yaml"
+    file.write_text("compilation-config:\n  custom_ops: [none, +rms_norm]\n  max_cudagraph_capture_size: 32\n")
+    compilation = parse(["--config", str(file)]).engine_args()._compilation()
+    assert (compilation.custom_ops, compilation.max_cudagraph_capture_size) == (("none", "+rms_norm"), 32)
+    env = {"KVSERVE_COMPILATION_CONFIG": '{"custom_ops": ["-silu_and_mul"]}'}
+    assert parse(["--config", str(file)], env).engine_args()._compilation().custom_ops == ("-silu_and_mul",)
+    flag = ["--compilation-config", '{"custom_ops": ["all"]}']
+    assert parse(["--config", str(file), *flag], env).engine_args()._compilation().custom_ops == ("all",)
+    assert parse([]).engine_args()._compilation().custom_ops == ("all",)
+    with pytest.raises(ConfigError, match="custom_ops entry 'rms' is not understood"):
+        parse(["--compilation-config", '{"custom_ops": ["rms"]}'])
+    with pytest.raises(ConfigError, match="compilation_config is not JSON"):
+        parse([], {"KVSERVE_COMPILATION_CONFIG": "{custom_ops"})

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from kvserve.config import (
     KV_CACHE_DTYPES,
@@ -47,6 +48,10 @@ class EngineArgs:
     num_gpu_blocks_override: Optional[int] = None
     kv_cache_dtype: str = "auto"  # config.KV_CACHE_DTYPES
     enforce_eager: bool = False  # no CUDA graphs for decode steps (vLLM's flag; a CPU never captures)
+    # vLLM's compilation_config: a dict or its JSON text; custom_ops and max_cudagraph_capture_size
+    # apply, other keys (inductor levels, ...) mean nothing here and are logged; an int (vLLM's -O
+    # level) is accepted and ignored.
+    compilation_config: Any = None
 
     def create_engine_config(self) -> EngineConfig:
         import torch
@@ -94,9 +99,41 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
                 max_num_batched_tokens_while_decoding=min(short_budget, budget),
             ),
-            compilation=CompilationConfig(enforce_eager=self.enforce_eager),
+            compilation=self._compilation(),
             device=device,
             seed=self.seed,
+        )
+
+    def _compilation(self) -> CompilationConfig:
+        """compilation_config (vLLM's shapes) + enforce_eager -> the frozen CompilationConfig."""
+        from kvserve.ops.gpu_ops import resolve_custom_ops
+
+        given = self.compilation_config
+        if isinstance(given, CompilationConfig):
+            given = dataclasses.asdict(given)
+        if isinstance(given, str):
+            try:
+                given = json.loads(given)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"compilation_config is not JSON ({error}): {given!r}") from None
+        if given is None or isinstance(given, int):
+            given = {}
+        if not isinstance(given, dict):
+            raise ValueError(f"compilation_config must be a JSON object or a dict, got {type(given).__name__}")
+        known = {"custom_ops", "max_cudagraph_capture_size", "enforce_eager"}
+        ignored = sorted(set(given) - known)
+        if ignored:
+            logger.info("compilation_config: ignoring %s (no meaning here)", ", ".join(ignored))
+        custom_ops = given.get("custom_ops", CompilationConfig.custom_ops)
+        if isinstance(custom_ops, str) or not all(isinstance(op, str) for op in custom_ops):
+            raise ValueError(f"compilation_config custom_ops must be a list of strings, got {custom_ops!r}")
+        resolve_custom_ops(tuple(custom_ops))  # raises on an entry it does not know
+        capture = given.get("max_cudagraph_capture_size", CompilationConfig.max_cudagraph_capture_size)
+        if not isinstance(capture, int) or isinstance(capture, bool) or capture < 0:
+            raise ValueError(f"compilation_config max_cudagraph_capture_size must be an int >= 0, got {capture!r}")
+        return CompilationConfig(
+            enforce_eager=self.enforce_eager or bool(given.get("enforce_eager", False)),
+            max_cudagraph_capture_size=capture, custom_ops=tuple(custom_ops),
         )
 
 

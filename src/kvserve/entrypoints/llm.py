@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 _IGNORED_VLLM_ARGS = {
     "trust_remote_code", "swap_space", "disable_log_stats", "tokenizer_mode", "revision",
     "tokenizer_revision", "download_dir", "load_format", "gpu_memory_utilization", "disable_custom_all_reduce",
-    "max_seq_len_to_capture", "compilation_config", "hf_token", "hf_overrides", "cpu_offload_gb",
+    "max_seq_len_to_capture", "hf_token", "hf_overrides", "cpu_offload_gb",
 }  # fmt: skip
 
 Conversation = list[dict[str, Any]]

@@ -6,9 +6,10 @@ makes bfloat16 greedy decoding leave float32's (measured: bf16 weights with floa
 agree with float32 on all 8 exactness prompts for 16 tokens; rounding only the residual stream,
 4 of 8). In a float32 model this is exactly Hugging Face's math.
 
-On a CPU the fused C++ kernel (ops/cpu_ops.rms_norm) runs it when it applies; `_norm` and the
-add below are the torch-native reference it is tested against. The kernel rounds at the same
-points but sums the squares in another order: a few float32 ulps apart, rarely one bf16 ulp."""
+On a CPU the fused C++ kernel (ops/cpu_ops.rms_norm) runs it when it applies, on a GPU the Triton
+kernel (ops/gpu_ops.rms_norm); `_norm` and the add below are the torch-native reference they are
+tested against. The kernels round at the same points but sum the squares in another order: a few
+float32 ulps apart, rarely one bf16 ulp."""
 from __future__ import annotations
 
 from typing import Optional
@@ -16,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kvserve.ops import cpu_ops
+from kvserve.ops import cpu_ops, gpu_ops
 
 
 class RMSNorm(nn.Module):
@@ -41,6 +42,8 @@ class RMSNorm(nn.Module):
         writes the new residual into `residual` in place: callers pass a residual stream they own
         and use only the returned one afterwards."""
         fused = cpu_ops.rms_norm(x, self.weight, self.eps, residual)
+        if fused is None:
+            fused = gpu_ops.rms_norm(x, self.weight, self.eps, residual)
         if fused is not None:
             return fused if residual is None else (fused, residual)
         if residual is None:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from kvserve.ops import cpu_ops
+from kvserve.ops import cpu_ops, gpu_ops
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -132,9 +132,9 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos_sin: [T, D] from cos_sin(positions); q: [T, Hq * D], k: [T, Hkv * D] -> rotated (q, k).
 
-        On a CPU the C++ kernel rotates q and k in place (they are views of the step's fresh qkv
-        tensor) and returns them; `_rotate` is the torch-native reference."""
-        if cpu_ops.rotary_(q, k, cos_sin, self.head_dim):
+        On a CPU the C++ kernel, on a GPU a Triton kernel, rotates q and k in place (they are views
+        of the step's fresh qkv tensor) and returns them; `_rotate` is the torch-native reference."""
+        if cpu_ops.rotary_(q, k, cos_sin, self.head_dim) or gpu_ops.rotary_(q, k, cos_sin, self.head_dim):
             return q, k
         cos, sin = cos_sin.chunk(2, dim=-1)  # [T, D/2] each
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -22,6 +22,7 @@ from kvserve.core.sched_output import SchedulerOutput
 from kvserve.forward_context import set_forward_context
 from kvserve.layers.attention import Attention
 from kvserve.model.loader import load_model
+from kvserve.ops import gpu_ops
 from kvserve.ops.cpu_layers import CpuLayerStack
 from kvserve.worker.cuda_graphs import CudaGraphRunner, DecodeBuffers, capture_sizes, graph_capture_for
 from kvserve.worker.grammar_mask import apply_grammar_bitmask
@@ -62,6 +63,8 @@ class ModelRunner:
         self.model = model if model is not None else load_model(config.model, self.device)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.backend = get_attention_backend(config.device, self.cache_dtype)
+        # The GPU's fused norms, rotary and SiLU (ops/gpu_ops.py), on before any forward or capture.
+        gpu_ops.configure(config.compilation.custom_ops, config.device)
         self.sampler = Sampler()
         self.input_batch = InputBatch(self.device)
         self.kv_caches: list[torch.Tensor] = []
