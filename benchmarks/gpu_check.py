@@ -11,7 +11,9 @@ prints, for each:
   (c) (b) with CUDA graphs on and off (LLM's enforce_eager);
   (d) the fused Triton norms, rotary and SiLU-and-mul (ops/triton_ops.py) against their torch-native
       references: each op's time alone (eager launches, and inside a CUDA graph) at decode and
-      prompt sizes, then (b) again with them off (compilation_config custom_ops ["none"]).
+      prompt sizes, then (b) again with them off (compilation_config custom_ops ["none"]);
+  (e) the Triton cascade: 64 prompts after one cached 2,048-token prefix, 64 tokens each, eager with
+      the cascade on and off, and with decode graphs (which do not take it).
 Then the targets for the 0.5B shape: decode >= 50% of the roofline, offline >= 5x HF, exactness.
 
 `python benchmarks/gpu_check.py --device cuda` is the GPU run (benchmarks/gpu_run.sh adds the wheels
@@ -381,6 +383,35 @@ def _us_per_call_in_graph(fn, device: str, calls: int = 20, replays: int = 20) -
     return (time.perf_counter() - t0) / (calls * replays) * 1e6
 
 
+# --- (e) the cascade -------------------------------------------------------------------------------
+def cascade_timing(folder: Path, cfg: dict, device: str, plan: Plan, prefix_len: int = 2048, reqs: int = 64,
+                   out_len: int = 64) -> None:  # fmt: skip
+    """Seconds for `reqs` prompts (a cached prefix + 16 tokens of their own) x out_len tokens, bf16."""
+    prefix = random_prompts(1, prefix_len, cfg["vocab_size"], set(), 21)[0]
+    own = random_prompts(reqs, 16, cfg["vocab_size"], set(), 22)
+    params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True, detokenize=False)
+    cells = []
+    for name, eager, cascade in (("eager, cascade on", True, True), ("eager, cascade off", True, False),
+                                 ("graphs", False, False)):  # fmt: skip
+        llm = LLM(str(folder), dtype="bfloat16", device=device, enforce_eager=eager, max_model_len=4096,
+                  max_num_seqs=256, kv_cache_memory_bytes=plan.kv_bytes)  # fmt: skip
+        backend = llm.llm_engine.runner.backend
+        if hasattr(backend, "min_cascade_requests") and not cascade:
+            backend.min_cascade_requests = 1 << 30
+        llm.generate(_ids([prefix]), SamplingParams(max_tokens=1), use_tqdm=False)  # cache the prefix
+        llm.generate(_ids([prefix + p for p in own[:8]]), SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        outs = llm.generate(_ids([prefix + p[::-1] for p in own]), params, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        cached = sum(o.num_cached_tokens or 0 for o in outs)
+        cells.append(f"{name} {reqs * out_len / seconds:.0f} tok/s (cached {cached // reqs} per prompt)")
+        del llm
+        _release(device)
+    print(f"  (e) {reqs} prompts after a cached {prefix_len}-token prefix, {out_len} tokens each, output tok/s: "
+          + "; ".join(cells))  # fmt: skip
+
+
 # --- the run ------------------------------------------------------------------------------------
 def print_environment(device: str) -> None:
     import transformers
@@ -427,6 +458,7 @@ def run_shape(shape: str, folder: Path, args, plan: Plan, bandwidth: Optional[fl
         sections["speed"] = lambda: check_speed(folder, cfg, args.device, plan, bandwidth)
         if args.device.startswith("cuda"):
             sections["ops"] = lambda: op_timings(cfg, args.device)
+            sections["cascade"] = lambda: cascade_timing(folder, cfg, args.device, plan)
     for key, section in sections.items():
         t0 = time.perf_counter()
         try:
@@ -456,7 +488,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     bandwidth = None if args.skip_speed else copy_bandwidth(args.device, plan.copy_bytes)
     if bandwidth:
         print(f"device copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
-    results, t_start = {"exact": {}, "speed": {}, "ops": {}}, time.perf_counter()
+    results, t_start = {"exact": {}, "speed": {}, "ops": {}, "cascade": {}}, time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         for shape in args.shapes:
             run_shape(shape, Path(tmp) / shape, args, plan, bandwidth, results)

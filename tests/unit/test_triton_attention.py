@@ -77,7 +77,7 @@ def run_steps(hq: int, hkv: int, d: int, bs: int, split: bool):
         triton_backend.prepare(meta)
         out = triton_backend.forward(q, k, v, cache, meta, d**-0.5)
         (plan,) = meta.backend_state.values()
-        segments = max(segments, plan.parts[1].shape[2] if plan.parts is not None else 1)
+        segments = max(segments, (plan.parts[1].shape[2] if plan.parts else None) if plan.parts is not None else 1)
         ref_meta = build_attention_metadata(*meta_args)
         reference.prepare(ref_meta)
         outs.append((out, reference.forward(q, k, v, ref_cache, ref_meta, d**-0.5)))
@@ -104,6 +104,77 @@ def test_triton_backend_matches_reference(interpreter, hq, hkv, d, bs, split):
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     # The step's k/v went to exactly the reference's slots; no other slot was written.
     torch.testing.assert_close(torch.where(cache.isnan(), 50.0, cache), ref_cache, atol=0, rtol=0)
+
+
+def run_cascade(hq: int, hkv: int, d: int, split: bool):
+    """In the worker: one step of 5 requests that all start with the same 6 blocks of 4 slots (24
+    keys: not a whole number of 16-key tiles) and every query past them: two decodes, a 3-token
+    chunk, a 7-token chunk and a decode after a context of 50 (several tiles past the prefix); block
+    ids at random, the rest of each table its own. Through the Triton backend with the cascade
+    (thresholds lowered to this size) and through torch_ref. Returns (triton out, reference out, the
+    plan's cascade length, its parts)."""
+    from kvserve.attention.triton_attn import TritonAttentionBackend
+
+    torch.manual_seed(1)
+    bs, num_blocks, prefix = 4, 64, 24
+    contexts, chunks = [24, 30, 26, 40, 50], [1, 1, 3, 7, 1]  # cached keys before the step, its queries
+    free = torch.randperm(num_blocks).tolist()
+    shared = [free.pop() for _ in range(prefix // bs)]
+    tables = [shared + [free.pop() for _ in range(-(-(c + n) // bs) - len(shared))] for c, n in zip(contexts, chunks)]
+    cache = torch.full((2, num_blocks, bs, hkv, d), float("nan"))
+    ref_cache = torch.full_like(cache, 50.0)
+    prefix_kv = torch.randn(2, prefix, hkv, d)
+    for c, table in zip(contexts, tables):  # the shared keys once, then each request's own cached ones
+        kv = torch.cat([prefix_kv, torch.randn(2, c - prefix, hkv, d)], dim=1)
+        for pos in range(c):
+            for x in (cache, ref_cache):
+                x[:, table[pos // bs], pos % bs] = kv[:, pos]
+    q, k, v = (torch.randn(sum(chunks), h, d) for h in (hq, hkv, hkv))
+    meta_args = (chunks, [c + n for c, n in zip(contexts, chunks)], tables, bs)
+    kwargs = dict(min_cascade_tokens=16, min_cascade_requests=5, cascade_block_m=32, tile=16)
+    kwargs.update(dict(target_programs=10_000, min_segment_tiles=1) if split else dict(max_segments=1))
+    backend, reference = TritonAttentionBackend(**kwargs), TorchAttentionBackend()
+    meta = build_attention_metadata(*meta_args)
+    backend.prepare(meta)
+    out = backend.forward(q, k, v, cache, meta, d**-0.5)
+    (plan,) = meta.backend_state.values()
+    ref_meta = build_attention_metadata(*meta_args)
+    reference.prepare(ref_meta)
+    expected = reference.forward(q, k, v, ref_cache, ref_meta, d**-0.5)
+    return out, expected, plan.cascade.length if plan.cascade else None, (plan.parts[1].shape[2] if plan.parts else None)
+
+
+@needs_triton
+@pytest.mark.parametrize("split", [False, True], ids=["one-pass", "split-kv"])
+@pytest.mark.parametrize("hq,hkv,d", [(4, 4, 64), (8, 2, 128), (6, 2, 80)], ids=["mha-64", "gqa4-128", "gqa3-80"])
+def test_cascade_over_a_shared_prefix_matches_reference(interpreter, hq, hkv, d, split):
+    """The shared blocks' keys in one pass for all rows (part 0), each request's keys from there in
+    the other parts (one, or split in tile-sized segments: 3 for the longest), merged: torch_ref's
+    output."""
+    out, expected, length, parts = interpreter.submit(run_cascade, hq, hkv, d, split).result()
+    assert length == 24
+    assert parts == (1 + 3 if split else 2)  # (51 keys - 24) / 16-key tiles from tile 1: tiles 1, 2, 3
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cascade_only_where_every_request_shares_enough():
+    """No cascade: below the request count, below the shared length, when one request's first block
+    differs, or when a query sits inside the shared blocks; a cascade otherwise, for whole blocks."""
+    from kvserve.attention.triton_attn import TritonAttentionBackend
+
+    backend = TritonAttentionBackend(min_cascade_tokens=8, min_cascade_requests=3)
+    shared = [7, 3, 9]
+    tables = [shared + [10 + i] for i in range(3)]
+
+    def cascade(query_lens, seq_lens, tables=tables):
+        return backend._cascade(build_attention_metadata(query_lens, seq_lens, tables, 4), 1)
+
+    assert cascade([1, 1, 1], [14, 13, 15]).length == 12
+    assert cascade([1, 1, 1], [14, 10, 15]).length == 8  # request 1's query is at position 9: 2 whole blocks
+    assert cascade([1, 1], [14, 13], tables[:2]) is None  # 2 requests
+    assert cascade([1, 1, 1], [14, 8, 15]) is None  # only one whole block before position 7
+    assert cascade([1, 1, 1], [14, 13, 15], [[1, 3, 9, 10], *tables[1:]]) is None
+    assert cascade([1, 1, 1], [14, 13, 15], [[7, 3, 2, 10], *tables[1:]]).length == 8
 
 
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "def fibonacci(n):", "Once upon a time"]
@@ -194,8 +265,62 @@ def test_decode_graph_plan_depends_on_the_bound_not_the_step():
     assert backend.plan(build_attention_metadata([1] * 4, [5, 1, 12, 30], [[0, 1]] * 4, 16), q, 2).parts is None
 
 
-def assert_same_greedy(runs: dict[str, list]) -> None:
-    for prompt, (ids, lps), (want_ids, want_lps) in zip(PROMPTS, runs["triton"], runs["torch"]):
+def generate_after_shared_prefix(model_dir: str) -> dict:
+    """In the worker: a 40-token prefix computed once (prefix caching keeps its 2 full blocks), then
+    6 prompts that start with it, together, greedy, through the Triton backend (cascade thresholds
+    lowered to this size: 16 shared keys, 4 requests) and through torch_ref. Returns each backend's
+    tokens and logprobs, and the Triton steps' cascade lengths."""
+    from kvserve import LLM, SamplingParams
+    from kvserve.attention import triton_kernels
+    from kvserve.attention.triton_attn import TritonAttentionBackend
+    from kvserve.worker import model_runner
+
+    prefix = list(range(100, 140))
+    prompts = [{"prompt_token_ids": prefix + [200 + i] * (1 + i)} for i in range(6)]
+    params = SamplingParams(max_tokens=5, temperature=0.0, logprobs=1, ignore_eos=True)
+    lengths: list[int] = []
+    launch = triton_kernels.paged_attention
+
+    def recording(*args, **kwargs):
+        cascade = args[10] if len(args) > 10 else kwargs.get("cascade")
+        lengths.append(cascade.length if cascade is not None else 0)
+        return launch(*args, **kwargs)
+
+    triton_kernels.paged_attention = recording
+    backends = {
+        "triton": lambda: TritonAttentionBackend(min_cascade_tokens=16, min_cascade_requests=4, tile=16),
+        "torch": TorchAttentionBackend,
+    }
+    choose, results = model_runner.get_attention_backend, {}
+    try:
+        for name, make in backends.items():
+            model_runner.get_attention_backend = lambda device, dtype, make=make: make()
+            llm = LLM(model_dir, dtype="float32", device="cpu", kv_cache_memory_bytes=16 << 20, block_size=16)
+            model_runner.get_attention_backend = choose
+            for cache in llm.llm_engine.runner.kv_caches:
+                cache.fill_(float("nan") if name == "triton" else 0.0)
+            llm.generate([{"prompt_token_ids": prefix}], SamplingParams(max_tokens=1), use_tqdm=False)
+            outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+            results[name] = [(list(c.token_ids), [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]) for c in outs]
+    finally:
+        model_runner.get_attention_backend, triton_kernels.paged_attention = choose, launch
+    results["cascades"] = lengths
+    return results
+
+
+@needs_triton
+def test_engine_cascade_after_a_cached_prefix_gives_the_same_greedy_tokens(interpreter, tiny_llama_dir):
+    """Prompts that hit the same cached blocks: their prompt step and decode steps take the cascade
+    over the 32 shared keys (2 blocks of 16); tokens equal torch_ref's, logprobs within float32 rounding."""
+    runs = interpreter.submit(generate_after_shared_prefix, tiny_llama_dir).result()
+    cascades = runs.pop("cascades")
+    assert 32 in cascades and cascades.count(32) >= 5 * 2, cascades  # 5 steps x the tiny model's 2 layers
+    prompts = [f"prefix + {i + 1} x token {200 + i}" for i in range(6)]
+    assert_same_greedy(runs, prompts)
+
+
+def assert_same_greedy(runs: dict[str, list], prompts: list[str] = PROMPTS) -> None:
+    for prompt, (ids, lps), (want_ids, want_lps) in zip(prompts, runs["triton"], runs["torch"], strict=True):
         assert ids == want_ids, f"{prompt!r}: triton {ids}, torch_ref {want_ids}"
         torch.testing.assert_close(
             torch.tensor(lps), torch.tensor(want_lps), atol=1e-4, rtol=0,
@@ -208,7 +333,8 @@ ARG_TYPES = {
     "block_tables_ptr": "*i64", "seq_lens_ptr": "*i64", "query_start_ptr": "*i64", "slot_ptr": "*i64",
     "part_out_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "scale_log2": "fp32",
     "num_reqs": "i32", "num_segments": "i32", "stride_qt": "i32", "stride_qh": "i32", "stride_bt": "i32",
-    "stride_k": "i32", "stride_v": "i32", "v_offset": "i64",
+    "stride_k": "i32", "stride_v": "i32", "v_offset": "i64", "kv_start": "i32", "kv_end": "i32", "seg_base": "i32",
+    "num_parts": "i32",
 }  # fmt: skip
 
 
@@ -217,7 +343,7 @@ ARG_TYPES = {
 @pytest.mark.parametrize("backend,arch", [("cuda", 90), ("hip", "gfx942")], ids=["sm90", "gfx942"])
 def test_kernels_compile_for_gpus(backend, arch):
     """Each kernel, as the backend launches it (bfloat16 GQA 4:1 head size 128 split; float32 one
-    pass, a group of 3, head size 80), compiles to a CUDA (H100) or ROCm (MI300) binary: no GPU needed."""
+    pass, a group of 3, head size 80; a cascade's shared pass, GQA 7:1), compiles to a CUDA (H100) or ROCm (MI300) binary: no GPU needed."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -232,9 +358,12 @@ def test_kernels_compile_for_gpus(backend, arch):
         return triton.compile(ASTSource(fn, sig, consts), target=target)
 
     binary = "cubin" if backend == "cuda" else "hsaco"
-    variants = [(torch.bfloat16, "bf16", (8, 2, 128), True), (torch.float32, "fp32", (6, 2, 80), False)]
-    for dtype, name, (hq, hkv, d), split in variants:
-        consts = kernels.attention_constants(dtype, hq, hkv, d, block_size=16, block_m=16, tile=32, split=split)
+    variants = [  # the last: a cascade's shared pass (64 rows per program)
+        (torch.bfloat16, "bf16", (8, 2, 128), True, 16), (torch.float32, "fp32", (6, 2, 80), False, 16),
+        (torch.bfloat16, "bf16", (14, 2, 64), True, 64),
+    ]
+    for dtype, name, (hq, hkv, d), split, block_m in variants:
+        consts = kernels.attention_constants(dtype, hq, hkv, d, block_size=16, block_m=block_m, tile=32, split=split)
         assert binary in compile_kernel(kernels._attention_kernel, name, consts).asm
     assert binary in compile_kernel(kernels._reduce_kernel, "bf16", kernels.reduce_constants(128, 5)).asm
     assert binary in compile_kernel(kernels._write_kv_kernel, "bf16", kernels.write_constants(2, 128)).asm

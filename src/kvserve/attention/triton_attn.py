@@ -12,6 +12,14 @@ layer's head shape, so it is made once per step and shape, on the host from the 
 copies (no device sync), and shared by every layer (layers run one after another, so they can
 share the buffers).
 
+Cascade (shared prefixes): when every request of an eager step starts with the same cached blocks
+(prefix caching hands them the same block ids: one system prompt, n > 1) of at least 256 tokens,
+and there are at least 8 requests (vLLM's thresholds for its cascade), those keys are attended in
+one pass for all the step's rows as if they were one request's queries, 64 rows per program, so
+each shared key is read once per 64 rows instead of once per request; a second pass attends each
+request's own keys past them, and the split-KV reduction merges the two (log-sum-exp). Decode
+graphs do not take it (their plan is fixed at capture).
+
 Decode graphs (worker/cuda_graphs.py): the kernels read seq_lens, block tables, slots and query
 starts from device tensors, and the grid depends only on T and B, so a decode step is capturable
 once its plan is fixed: with meta.graph_max_seq_len set the segments are planned for that bound
@@ -38,6 +46,7 @@ class Plan:
     tile: int  # keys per iteration
     # Split-KV buffers: [T, Hq, S, D] partial outputs, [T, Hq, S] maxima and sums (float32), or None.
     parts: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    cascade: Optional[kernels.CascadePrefix] = None  # the shared keys' pass (writes part 0 of parts)
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -51,11 +60,16 @@ class TritonAttentionBackend(AttentionBackend):
         max_segments: int = 16,  # 1: never split
         min_segment_tiles: int = 4,  # at least this many tiles of keys per segment
         tile: int = 32,
+        min_cascade_tokens: int = 256,  # shared keys below this: each request reads them itself
+        min_cascade_requests: int = 8,
+        cascade_block_m: int = 64,  # rows per program of the shared keys' pass
     ) -> None:
         self.target_programs = target_programs
         self.max_segments = max_segments
         self.min_segment_tiles = min_segment_tiles
         self.tile = tile
+        self.min_cascade_tokens, self.min_cascade_requests = min_cascade_tokens, min_cascade_requests
+        self.cascade_block_m = cascade_block_m
 
     def prepare(self, meta: AttentionMetadata) -> None:
         meta.backend_state = {}  # (Hq, Hkv, D, dtype) -> Plan, filled by the first layer of that shape
@@ -75,7 +89,7 @@ class TritonAttentionBackend(AttentionBackend):
         if meta.num_tokens:
             kernels.paged_attention(
                 q, kv_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
-                plan.block_m, plan.tile, plan.parts,
+                plan.block_m, plan.tile, plan.parts, plan.cascade,
             )  # fmt: skip
         return out
 
@@ -89,18 +103,43 @@ class TritonAttentionBackend(AttentionBackend):
         longest = meta.graph_max_seq_len  # a decode graph's bound: its host copies are not this step's
         if longest is None:
             longest = max(meta.seq_lens_host, default=0)
-        max_tiles = triton.cdiv(longest, self.tile)
-        segments = min(
+        cascade = self._cascade(meta, g) if meta.graph_max_seq_len is None else None
+        max_tiles = triton.cdiv(longest, self.tile) - (cascade.length // self.tile if cascade else 0)  # as the kernel counts
+        segments = max(1, min(
             self.max_segments,
             self._target(q.device) // max(programs, 1),
             max_tiles // self.min_segment_tiles,
-        )
+        ))  # fmt: skip
+        num_parts = segments + (1 if cascade else 0)
         parts = None
-        if segments > 1:
+        if num_parts > 1:
             f32 = dict(dtype=torch.float32, device=q.device)
-            outs = torch.empty(t, hq, segments, d, **f32)
-            parts = (outs, torch.empty(t, hq, segments, **f32), torch.empty(t, hq, segments, **f32))  # maxima, sums
-        return Plan(block_m=block_m, tile=self.tile, parts=parts)
+            outs = torch.empty(t, hq, num_parts, d, **f32)
+            parts = (outs, torch.empty(t, hq, num_parts, **f32), torch.empty(t, hq, num_parts, **f32))  # maxima, sums
+        return Plan(block_m=block_m, tile=self.tile, parts=parts, cascade=cascade)
+
+    def _cascade(self, meta: AttentionMetadata, g: int) -> Optional[kernels.CascadePrefix]:
+        """The leading blocks every request of the step shares and every query sees whole (all of
+        them before the earliest query position), when long and shared widely enough to pay."""
+        reqs = len(meta.query_lens)
+        if reqs < self.min_cascade_requests or not meta.num_tokens:
+            return None
+        bs = meta.block_size
+        first_pos = min(s - n for s, n in zip(meta.seq_lens_host, meta.query_lens))  # earliest query position
+        limit = min(first_pos // bs, meta.block_tables_host.shape[1])
+        if limit * bs < self.min_cascade_tokens:
+            return None
+        tables = meta.block_tables_host[:, :limit]  # [B, limit]
+        shared = int((tables == tables[:1]).all(dim=0).cumprod(dim=0).sum())
+        length = shared * bs
+        if length < self.min_cascade_tokens:
+            return None
+        lens = torch.tensor([length + meta.num_tokens, 0, meta.num_tokens], dtype=torch.long)
+        lens = lens.to(meta.block_tables.device, non_blocking=True)
+        return kernels.CascadePrefix(
+            length=length, table=meta.block_tables[:1, :shared], seq_lens=lens[:1], query_start=lens[1:],
+            block_m=max(self.cascade_block_m, triton.next_power_of_2(g)),
+        )  # fmt: skip
 
     def _target(self, device: torch.device) -> int:
         if self.target_programs is None:

@@ -21,6 +21,8 @@ of one), only up to the block's last query position: a slot past a request's con
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -76,13 +78,15 @@ def _request_of_block(query_start_ptr, q_block, num_reqs, BLOCK_Q: tl.constexpr)
 
 # The request and segment counts vary step to step: one compiled kernel for all (a count of 1 would
 # otherwise be specialized into a constant and a second kernel).
-@triton.jit(do_not_specialize=["num_reqs", "num_segments"])
+@triton.jit(do_not_specialize=["num_reqs", "num_segments", "kv_start", "kv_end", "seg_base", "num_parts"])
 def _attention_kernel(
     out_ptr,  # [T, Hq, D] contiguous (written when not SPLIT)
-    part_out_ptr, part_max_ptr, part_sum_ptr,  # [T, Hq, S, D], [T, Hq, S], [T, Hq, S] float32 (SPLIT)
+    part_out_ptr, part_max_ptr, part_sum_ptr,  # [T, Hq, P, D], [T, Hq, P], [T, Hq, P] float32 (SPLIT)
     q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
     scale_log2,  # softmax scale * log2(e): scores are kept in base 2
     num_reqs, num_segments,
+    kv_start, kv_end,  # only keys at positions [kv_start, kv_end) (a cascade's two passes; else 0, huge)
+    seg_base, num_parts,  # this launch's segments are parts seg_base .. + num_segments of num_parts
     stride_qt, stride_qh, stride_bt, v_offset,
     HQ: tl.constexpr, HKV: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr,
@@ -112,11 +116,13 @@ def _attention_kernel(
         mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
     )  # [BLOCK_M, HEAD_PAD]  # fmt: skip
 
-    # Keys this block needs: up to its last query's position. Segment `seg` of `num_segments` takes
-    # an equal run of the request's tiles (the same split for all of the request's q-blocks).
-    kv_len = context + tl.minimum(q_first + BLOCK_Q, q_len)
-    tiles_per_seg = tl.cdiv(tl.cdiv(seq_len, TILE), num_segments)
-    tile_lo = seg * tiles_per_seg
+    # Keys this block needs: up to its last query's position (and below kv_end), from kv_start.
+    # Segment `seg` of `num_segments` takes an equal run of the request's tiles from kv_start's (the
+    # same split for all of the request's q-blocks).
+    kv_len = tl.minimum(context + tl.minimum(q_first + BLOCK_Q, q_len), kv_end)
+    tile_first = kv_start // TILE
+    tiles_per_seg = tl.cdiv(tl.cdiv(tl.minimum(seq_len, kv_end), TILE) - tile_first, num_segments)
+    tile_lo = tile_first + seg * tiles_per_seg
     tile_hi = tl.minimum(tile_lo + tiles_per_seg, tl.cdiv(kv_len, TILE))
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (base 2)
@@ -125,7 +131,7 @@ def _attention_kernel(
     table = block_tables_ptr + b * stride_bt
     for j in range(tile_lo, tile_hi):
         kpos = j * TILE + offs_t  # [TILE] key positions
-        k_ok = kpos < kv_len
+        k_ok = (kpos < kv_len) & (kpos >= kv_start)
         block = tl.load(table + kpos // BLOCK_SIZE, mask=k_ok, other=0)
         kv = (block * BLOCK_SIZE + kpos % BLOCK_SIZE) * (HKV * HEAD) + kv_head * HEAD  # [TILE] int64
         k_ptrs = cache_ptr + kv[None, :] + offs_d[:, None]  # keys transposed: [HEAD_PAD, TILE]
@@ -133,7 +139,8 @@ def _attention_kernel(
         v_ptrs = cache_ptr + v_offset + kv[:, None] + offs_d[None, :]
         v = tl.load(v_ptrs, mask=k_ok[:, None] & dim_ok[None, :], other=0.0)  # [TILE, HEAD_PAD]
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, TILE]
-        s = tl.where(row_ok[:, None] & (kpos[None, :] <= (context + qi)[:, None]), s, float("-inf"))
+        seen = row_ok[:, None] & k_ok[None, :] & (kpos[None, :] <= (context + qi)[:, None])  # causal, in range
+        s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN
         p = tl.exp2(s - m_use[:, None])
@@ -143,7 +150,7 @@ def _attention_kernel(
         m_i = m_new
 
     if SPLIT:  # partial results, an empty segment's as (-inf, 0, 0); _reduce_kernel combines them
-        part = (token * HQ + head) * num_segments + seg  # [BLOCK_M]
+        part = (token * HQ + head) * num_parts + seg_base + seg  # [BLOCK_M]
         tl.store(part_max_ptr + part, m_i, mask=row_ok)
         tl.store(part_sum_ptr + part, l_i, mask=row_ok)
         tl.store(part_out_ptr + part[:, None] * HEAD + offs_d[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
@@ -192,6 +199,20 @@ def _head_pad(d: int) -> int:
     return max(16, triton.next_power_of_2(d))  # tl.dot takes 16 or more
 
 
+@dataclass(frozen=True)
+class CascadePrefix:
+    """A cascade's shared part: the first `length` keys, in the same blocks for every request of the
+    step, attended once for all rows as one request of T queries (block table `table` [1, n] int64,
+    seq_lens [1] = length + T, query_start [2] = (0, T), device tensors), `block_m` rows per program.
+    Every query of the step sits past them, so no mask applies there."""
+
+    length: int
+    table: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start: torch.Tensor
+    block_m: int
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, Hq, D], dims contiguous
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D] contiguous
@@ -203,20 +224,30 @@ def paged_attention(
     block_m: int,  # rows of one program: a power of two >= 16 and >= G
     tile: int,  # keys per iteration: a power of two >= 16
     parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # split-KV buffers (see above)
+    cascade: CascadePrefix | None = None,  # needs parts: its pass writes part 0, the requests' the rest
 ) -> None:
     """out = causal paged attention of every packed query row; split over parts[1].shape[2] segments
-    of keys, then reduced, when parts are given."""
+    of keys, then reduced, when parts are given. With a cascade, its shared keys in one pass of their
+    own (part 0), the requests' keys past them in the other parts."""
     t, hq, d = q.shape
     _, _, block_size, hkv, _ = kv_cache.shape
-    num_reqs = seq_lens.shape[0]
-    segments = parts[1].shape[2] if parts is not None else 1
-    consts = attention_constants(q.dtype, hq, hkv, d, block_size, block_m, tile, parts is not None)
+    num_parts = parts[1].shape[2] if parts is not None else 1
     part_out, part_max, part_sum = parts if parts is not None else (out, out, out)  # unused when not split
-    grid = (t // consts["BLOCK_Q"] + num_reqs, hkv, segments)
-    _attention_kernel[grid](
-        out, part_out, part_max, part_sum, q, kv_cache, block_tables, seq_lens, query_start_loc,
-        scale * LOG2E, num_reqs, segments, q.stride(0), q.stride(1), block_tables.stride(0), kv_cache.stride(0),
-        **consts,
-    )  # fmt: skip
+    common = (q.stride(0), q.stride(1))
+
+    def launch(tables, lens, starts, num_reqs, segments, kv_start, kv_end, seg_base, rows):
+        consts = attention_constants(q.dtype, hq, hkv, d, block_size, rows, tile, parts is not None)
+        _attention_kernel[(t // consts["BLOCK_Q"] + num_reqs, hkv, segments)](
+            out, part_out, part_max, part_sum, q, kv_cache, tables, lens, starts, scale * LOG2E, num_reqs,
+            segments, kv_start, kv_end, seg_base, num_parts, *common, tables.stride(0), kv_cache.stride(0),
+            **consts,
+        )  # fmt: skip
+
+    no_end = 2**31 - 1
+    if cascade is not None:
+        launch(cascade.table, cascade.seq_lens, cascade.query_start, 1, 1, 0, cascade.length, 0, cascade.block_m)
+    first = 1 if cascade is not None else 0
+    launch(block_tables, seq_lens, query_start_loc, seq_lens.shape[0], num_parts - first,
+           cascade.length if cascade is not None else 0, no_end, first, block_m)  # fmt: skip
     if parts is not None:
-        _reduce_kernel[(t * hq,)](out, part_out, part_max, part_sum, segments, **reduce_constants(d, segments))
+        _reduce_kernel[(t * hq,)](out, part_out, part_max, part_sum, num_parts, **reduce_constants(d, num_parts))
