@@ -35,7 +35,7 @@ _BYTE_LEVEL_SPLITS: dict[str, tuple[str, ...]] = {
 
 def load_gguf_tokenizer(path: Path) -> Tokenizer:
     fields = read_gguf(str(path)).fields
-    meta = {name: field.contents() for name, field in fields.items() if name.startswith("tokenizer.")}
+    meta = {name: value for name, value in fields.items() if name.startswith("tokenizer.")}
     model = meta.get("tokenizer.ggml.model")
     if model == "gpt2":
         backend = _byte_level_backend(meta)

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 from torch import nn
 
@@ -23,6 +23,7 @@ from kvserve.config import ModelConfig
 from kvserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kvserve.layers.gguf_linear import keep_embedding_quantized, keep_linear_quantized
 from kvserve.layers.linear import LinearMethod
+from kvserve.model.gguf_file import GGUFFile
 from kvserve.ops import quant_ops
 
 logger = logging.getLogger(__name__)
@@ -48,18 +49,17 @@ _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 @functools.lru_cache(maxsize=2)
-def read_gguf(path: str) -> GGUFReader:
-    """The parsed file, shared by the config, weight and tokenizer loaders: parsing the metadata
-    (the whole vocabulary) takes about 2 s. Tensor data stays memory-mapped, read on access."""
-    return GGUFReader(path)
+def read_gguf(path: str) -> GGUFFile:
+    """The parsed file, shared by the config, weight and tokenizer loaders (model/gguf_file.py: the
+    metadata in ~0.1 s). Tensor data stays memory-mapped, read on access."""
+    return GGUFFile(path)
 
 
-def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    return reader.fields.get(key, default)
 
 
-def _rope_scaling(reader: GGUFReader, arch: str) -> dict[str, Any] | None:
+def _rope_scaling(reader: GGUFFile, arch: str) -> dict[str, Any] | None:
     """The HF-style rope_scaling dict from llama.cpp's `{arch}.rope.scaling.*` keys."""
     kind = _field(reader, f"{arch}.rope.scaling.type", "none")
     if kind == "none":
@@ -102,7 +102,7 @@ def gguf_model_config(path: str) -> ModelConfig:
     return ModelConfig(
         path=path,
         architecture=GGUF_ARCHITECTURES[arch],
-        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
+        vocab_size=len(reader.fields["tokenizer.ggml.tokens"]),
         hidden_size=hidden_size,
         intermediate_size=_field(reader, f"{arch}.feed_forward_length"),
         num_hidden_layers=_field(reader, f"{arch}.block_count"),
@@ -202,7 +202,7 @@ def iter_gguf_weights(
             if name in blocks:  # rows of blocks: row permutations apply to them as they are
                 w = t.data.reshape(t.shape[-1], -1)  # [out, row_bytes] uint8
             else:  # (log_gguf_types names the types dequantized)
-                w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))  # [out, in]
+                w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape)))  # [out, in]
             if permuted and ".q_proj." in name:
                 w = _unpermute(w, config.num_attention_heads)
             elif permuted and ".k_proj." in name:
