@@ -96,8 +96,15 @@ class SamplingParams:
     logit_bias: Optional[dict[int, float]] = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     structured_outputs: Optional[StructuredOutputsParams] = None
+    # The prompt's last k tokens only (-1: the last max_model_len); None keeps it whole.
+    truncate_prompt_tokens: Optional[int] = None
+    allowed_token_ids: Optional[list[int]] = None  # sample only among these
+    # Never generate these words: a word's last token is banned where its other tokens were just generated.
+    bad_words: Optional[list[str]] = None
+    extra_args: Optional[dict[str, Any]] = None  # vLLM's hook for custom processors; carried, unused here
     # Filled by the engine from the tokenizer / generation_config, not by users.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -113,6 +120,10 @@ class SamplingParams:
             self.top_k = 0
         if self.logit_bias is not None:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = [int(t) for t in self.allowed_token_ids]
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
         self._verify()
         self.all_stop_token_ids = set(self.stop_token_ids)
 
@@ -148,11 +159,26 @@ class SamplingParams:
             fail(f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}.")
         if any(not s for s in self.stop):
             fail("stop cannot contain an empty string.")
+        k = self.truncate_prompt_tokens
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not (k == -1 or k >= 1)):
+            fail(f"truncate_prompt_tokens must be -1 (max_model_len) or at least 1, got {k!r}.")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            fail("allowed_token_ids must not be empty: leave it out to allow every token.")
+        if self.bad_words is not None and any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            fail(f"bad_words must be non-blank strings, got {self.bad_words!r}.")
 
     @property
     def greedy(self) -> bool:
         """True when sampling reduces to argmax (temperature 0 or top_k 1)."""
         return self.temperature < _SAMPLING_EPS or self.top_k == 1
+
+    def truncated_prompt(self, token_ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt as truncate_prompt_tokens leaves it: its last k tokens (k = -1: max_model_len)."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return token_ids
+        k = max_model_len if k == -1 else k
+        return token_ids[-k:]
 
     def clone(self) -> "SamplingParams":
         return copy.deepcopy(self)

@@ -93,6 +93,37 @@ def test_stop_token_ids_and_min_tokens(tiny_llm):
     assert first not in out.token_ids[:5]
 
 
+def test_allowed_token_ids_bad_words_and_truncation(tiny_llm):
+    """vLLM's allowed_token_ids (every sampled token among them), bad_words (the greedy answer's first
+    word banned: it never appears, and the answer changes) and truncate_prompt_tokens (the prompt's
+    last k tokens, the same output as giving only those)."""
+    tok = tiny_llm.get_tokenizer()
+    allowed = tok.encode(" the cat sat on a mat", add_special_tokens=False)
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=24, allowed_token_ids=allowed, ignore_eos=True)
+    for out in tiny_llm.generate(PROMPTS, params, use_tqdm=False):
+        assert set(out.outputs[0].token_ids) <= set(allowed)
+
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    plain = tiny_llm.generate(PROMPTS[1], greedy, use_tqdm=False)[0].outputs[0]
+    word = next(w for w in plain.text.split() if w.isalpha())
+    banned = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, bad_words=[word])
+    out = tiny_llm.generate(PROMPTS[1], banned, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids != plain.token_ids
+    assert word not in out.text.split(), (word, out.text)
+    assert tiny_llm.llm_engine._bad_words_token_ids([word])[0] == tok.encode(word, add_special_tokens=False)
+
+    ids = tok.encode(PROMPTS[3])
+    cut = SamplingParams(temperature=0, max_tokens=8, truncate_prompt_tokens=4)
+    out = tiny_llm.generate({"prompt_token_ids": ids}, cut, use_tqdm=False)[0]
+    assert out.prompt_token_ids == ids[-4:]
+    direct = tiny_llm.generate({"prompt_token_ids": ids[-4:]}, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    assert out.outputs[0].token_ids == direct[0].outputs[0].token_ids
+    whole = SamplingParams(temperature=0, max_tokens=8, truncate_prompt_tokens=-1)  # -1: max_model_len
+    assert tiny_llm.generate({"prompt_token_ids": ids}, whole, use_tqdm=False)[0].prompt_token_ids == ids
+    with pytest.raises(ValueError, match="truncate_prompt_tokens must be -1"):
+        SamplingParams(truncate_prompt_tokens=0)
+
+
 def test_n_returns_n_outputs(tiny_llm):
     out = tiny_llm.generate(PROMPTS[0], SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=10), use_tqdm=False)
     assert len(out) == 1

@@ -41,6 +41,12 @@ CASES = [
      ["max_model_len"]),
     ("/v1/chat/completions", {"messages": CHAT, "frequency_penalty": 3}, 400, "frequency_penalty", ["[-2, 2]"]),
     ("/v1/chat/completions", {"messages": CHAT, "model": "nope"}, 404, "model", ["nope"]),
+    ("/v1/completions", {"prompt": "Hi", "allowed_token_ids": [10**9]}, 400, "allowed_token_ids",
+     ["allowed_token_ids must be in"]),
+    ("/v1/completions", {"prompt": "Hi", "allowed_token_ids": []}, 400, "allowed_token_ids", ["not be empty"]),
+    ("/v1/completions", {"prompt": "Hi", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens",
+     ["-1 (max_model_len) or at least 1"]),
+    ("/v1/chat/completions", {"messages": CHAT, "bad_words": [" "]}, 400, "bad_words", ["non-blank"]),
     ("/tokenize", {"prompt": "a", "messages": CHAT}, 400, "prompt", ["exactly one"]),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens", ["Token ids must be in"]),
 ]  # fmt: skip

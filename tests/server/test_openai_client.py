@@ -196,3 +196,22 @@ def test_tokenize_detokenize_round_trip(server):
     assert text == PROMPT
     chat = httpx.post(f"{server.url}/tokenize", json={"messages": CHAT}).json()
     assert chat["count"] > ids["count"]
+
+
+def test_vllm_token_controls_through_extra_body(client, offline_llm):
+    """vLLM's allowed_token_ids, bad_words and truncate_prompt_tokens, as its clients send them (extra_body):
+    the answer uses only allowed tokens, avoids the bad word, and the usage counts the truncated prompt;
+    each equal to LLM.generate with the same SamplingParams."""
+    tok = offline_llm.get_tokenizer()
+    allowed = tok.encode(" Paris is a city in France and Europe .", add_special_tokens=False)
+    extra = {"allowed_token_ids": allowed, "truncate_prompt_tokens": 3, "bad_words": ["France"]}
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, extra_body=extra)
+    ids = offline_llm.generate(
+        PROMPT, SamplingParams(temperature=0, max_tokens=12, **extra), use_tqdm=False
+    )[0].outputs[0].token_ids
+    assert set(ids) <= set(allowed) and "France" not in out.choices[0].text
+    assert out.choices[0].text == tok.decode(ids)
+    assert out.usage.prompt_tokens == 3
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0,
+                                          extra_body={"truncate_prompt_tokens": 5})  # fmt: skip
+    assert chat.usage.prompt_tokens == 5

@@ -191,6 +191,43 @@ def test_logit_bias_outside_vocabulary_is_rejected():
         build([SamplingParams(logit_bias={V: 1.0})])
 
 
+def test_allowed_token_ids_leave_only_those_tokens():
+    """A greedy row takes the best allowed token, a random row samples only allowed ones (1,000
+    draws), a row without the setting is untouched; logprobs stay raw."""
+    logits = random_logits(3, seed=5)
+    allowed = [int(i) for i in logits[0].argsort()[:3]]  # the three least likely tokens of row 0
+    params = [
+        SamplingParams(temperature=0.0, allowed_token_ids=allowed, logprobs=0),
+        SamplingParams(temperature=1.0, allowed_token_ids=[4, 9]),
+        SamplingParams(temperature=0.0),
+    ]
+    meta = build(params)
+    assert meta.allowed.rows.tolist() == [0, 1] and meta.allowed.banned.sum(1).tolist() == [V - 3, V - 2]
+    out = Sampler()(logits, meta)
+    assert out.sampled_token_ids.tolist()[0] == max(allowed, key=lambda t: logits[0, t])
+    assert out.sampled_token_ids.tolist()[2] == int(logits[2].argmax())
+    torch.testing.assert_close(out.logprobs[0, 0], torch.log_softmax(logits[0], -1)[out.sampled_token_ids[0]])
+    draws = {Sampler()(logits[1:2], build(params[1:2])).sampled_token_ids.item() for _ in range(1000)}
+    assert draws == {4, 9}
+    with pytest.raises(ValueError, match="allowed_token_ids \\[32\\] are outside the vocabulary"):
+        build([SamplingParams(allowed_token_ids=[1, V])])
+    with pytest.raises(ValueError, match="allowed_token_ids must not be empty"):
+        SamplingParams(allowed_token_ids=[])
+
+
+def test_bad_words_ban_a_last_token_right_after_the_others():
+    """Word [7] is banned everywhere; word [3, 5, 9] bans 9 only after ...3, 5."""
+    logits = torch.zeros(3, V)
+    logits[:, 9], logits[:, 7], logits[:, 2] = 10.0, 9.0, 8.0
+    params = SamplingParams(temperature=0.0, bad_words=["x"])
+    params.bad_words_token_ids = [[7], [3, 5, 9]]  # as the engine fills it from the tokenizer
+    meta = build([params] * 3, outputs=[[1, 3, 5], [3, 5, 1], [5]])
+    assert sorted(zip(meta.bad_words_mask.rows.tolist(), meta.bad_words_mask.token_ids.tolist())) == [
+        (0, 7), (0, 9), (1, 7), (2, 7)
+    ]  # fmt: skip
+    assert Sampler()(logits, meta).sampled_token_ids.tolist() == [2, 9, 9]
+
+
 def test_logprobs_are_raw_log_softmax_with_ranks_and_top_k_order():
     torch.manual_seed(0)
     logits = random_logits(3, seed=5)

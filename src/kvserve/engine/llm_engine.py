@@ -78,8 +78,10 @@ class LLMEngine:
         """Queue a request. Raises ValueError (nothing queued) if it is invalid or can never fit."""
         params = (params or SamplingParams()).clone()
         text, token_ids = self._tokenize(prompt)
-        self._validate(token_ids, params)
         max_len = self.config.scheduler.max_model_len
+        token_ids = params.truncated_prompt(token_ids, max_len)
+        self._validate(token_ids, params)
+        params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words or [])
         max_tokens = params.max_tokens if params.max_tokens is not None else max(max_len - len(token_ids), 1)
         params.all_stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         if request_id in self._parents:
@@ -187,6 +189,18 @@ class LLMEngine:
             return None, list(prompt)
         raise TypeError(f"a prompt is a string, a list of token ids or a dict, not {type(prompt).__name__}")
 
+    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word's tokens as it starts the text and, where that differs in its first token
+        only, after a space, in mid-text (vLLM's rule, SamplingParams.update_from_tokenizer)."""
+        sequences: list[list[int]] = []
+        for word in words:
+            alone = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            sequences.append(alone)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            if spaced[0] != alone[0] and len(spaced) == len(alone):
+                sequences.append(spaced)
+        return sequences
+
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         vocab = self.config.model.vocab_size
         if not token_ids:
@@ -194,7 +208,8 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"Prompt token ids must be in [0, {vocab}); got {bad[:5]}.")
-        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias or {}))):
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias or {})),
+                          ("allowed_token_ids", params.allowed_token_ids or [])):  # fmt: skip
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"{name} token ids must be in [0, {vocab}); got {bad[:5]}.")

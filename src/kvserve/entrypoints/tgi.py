@@ -244,7 +244,7 @@ class TGIServing:
         ids = s.tokenizer.encode(body.inputs)
         if p.truncate is not None and p.truncate > 0:
             ids = ids[-p.truncate :]
-        s.check_prompt(ids, params.max_tokens, param="inputs")
+        ids = s.check_prompt(ids, params, param="inputs")
         [stream] = await s.add_all(f"tgi-{uuid.uuid4().hex}", [{"prompt_token_ids": ids}], params, arrival)
         return ids, stream
 

@@ -1,7 +1,7 @@
 """Vectorized sampling and logprobs for one step's batch, in vLLM v1's order.
 
 1. logprobs of the raw logits (log_softmax of the model output, before any processing);
-2. logit_bias and min_tokens masking; 3. repetition, frequency and presence penalties;
+2. allowed_token_ids, logit_bias, min_tokens and bad_words masking; 3. repetition, frequency and presence penalties;
 4. greedy rows take the argmax; random rows: divide by temperature, min_p, top_k, top_p, then sample
    one token by inverse CDF from one uniform per row (seeded rows draw it from their own generator,
    so their samples do not depend on the rest of the batch).
@@ -42,10 +42,14 @@ class Sampler:
             return SamplerOutput(ids if ids is not None else logits.argmax(dim=-1), None, None, None)
         # Logits stay in the model's dtype unless something must change them (then float32 copies).
         raw_logprobs = None if meta.max_num_logprobs is None else torch.log_softmax(logits.float(), dim=-1)  # [B, V]
-        if meta.logit_bias is not None:
-            logits = add_sparse(logits.float(), meta.logit_bias)
-        if meta.min_tokens_mask is not None:
-            logits = add_sparse(logits.float(), meta.min_tokens_mask)
+        if meta.allowed is not None:
+            allowed = meta.allowed
+            logits = logits.float()
+            banned_rows = logits[allowed.rows].masked_fill(allowed.banned, float("-inf"))
+            logits = logits.index_put((allowed.rows,), banned_rows)  # a copy: the input stays as it was
+        for update in (meta.logit_bias, meta.min_tokens_mask, meta.bad_words_mask):
+            if update is not None:
+                logits = add_sparse(logits.float(), update)
         if meta.penalties is not None:
             logits = apply_penalties(logits.float(), meta.penalties)
         sampled = _sample(logits, meta)  # [B]
@@ -56,8 +60,11 @@ class Sampler:
 
 
 def _processed(meta: SamplingMetadata) -> bool:
-    """Whether any row's logits are changed before sampling (bias, min_tokens, penalties)."""
-    return meta.logit_bias is not None or meta.min_tokens_mask is not None or meta.penalties is not None
+    """Whether any row's logits are changed before sampling (masks, bias, min_tokens, penalties)."""
+    return any(
+        x is not None
+        for x in (meta.allowed, meta.logit_bias, meta.min_tokens_mask, meta.bad_words_mask, meta.penalties)
+    )
 
 
 def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

@@ -24,6 +24,14 @@ class SparseLogitUpdate:
 
 
 @dataclass
+class AllowedTokens:
+    """The rows that sample only among their allowed_token_ids, and every other token, banned."""
+
+    rows: torch.Tensor  # [R] int64
+    banned: torch.Tensor  # [R, V] bool: True where the row may not sample
+
+
+@dataclass
 class PenaltyInputs:
     """Inputs of the repetition, frequency and presence penalties (as in HF / vLLM)."""
 
@@ -49,6 +57,9 @@ class SamplingMetadata:
     logit_bias: Optional[SparseLogitUpdate]
     # -inf on every stop token id of the rows that have generated fewer than min_tokens tokens.
     min_tokens_mask: Optional[SparseLogitUpdate]
+    allowed: Optional[AllowedTokens]
+    # -inf on each bad word's last token in the rows whose output ends with the word's other tokens.
+    bad_words_mask: Optional[SparseLogitUpdate]
     # Seeded random rows: row -> its request's generator (on the logits' device).
     generators: dict[int, torch.Generator]
     max_num_logprobs: Optional[int]  # K: the largest `logprobs` any row asked for; None: no row asked
@@ -87,6 +98,8 @@ class SamplingMetadata:
             penalties=_build_penalties(params, prompt_token_ids, output_token_ids, vocab_size, device),
             logit_bias=_build_logit_bias(params, vocab_size, device),
             min_tokens_mask=_build_min_tokens_mask(params, output_token_ids, vocab_size, device),
+            allowed=_build_allowed(params, vocab_size, device),
+            bad_words_mask=_build_bad_words_mask(params, output_token_ids, vocab_size, device),
             generators={i: gen for i, gen in enumerate(generators) if gen is not None and not greedy[i]},
             max_num_logprobs=max(asked_logprobs, default=None),
         )
@@ -141,6 +154,33 @@ def _build_min_tokens_mask(
         for tok in sorted(p.all_stop_token_ids)
     ]
     return _sparse_update(triples, vocab_size, device, what="stop")
+
+
+def _build_allowed(params: list[SamplingParams], vocab_size: int, device: torch.device | str) -> Optional[AllowedTokens]:
+    rows = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
+    if not rows:
+        return None
+    banned = torch.ones(len(rows), vocab_size, dtype=torch.bool)
+    for r, i in enumerate(rows):
+        allowed = params[i].allowed_token_ids
+        bad = [tok for tok in allowed if not 0 <= tok < vocab_size]
+        if bad:
+            raise ValueError(f"allowed_token_ids {bad} are outside the vocabulary [0, {vocab_size}).")
+        banned[r, allowed] = False
+    return AllowedTokens(rows=torch.tensor(rows, dtype=torch.long, device=device), banned=banned.to(device))
+
+
+def _build_bad_words_mask(
+    params: list[SamplingParams], output_token_ids: list[list[int]], vocab_size: int, device: torch.device | str
+) -> Optional[SparseLogitUpdate]:
+    """A word of one token is always banned; a longer one's last token only right after its others."""
+    triples = [
+        (i, word[-1], float("-inf"))
+        for i, (p, out) in enumerate(zip(params, output_token_ids))
+        for word in p.bad_words_token_ids
+        if len(word) == 1 or (len(out) >= len(word) - 1 and list(out[len(out) - len(word) + 1 :]) == word[:-1])
+    ]
+    return _sparse_update(triples, vocab_size, device, what="bad_words")
 
 
 def _sparse_update(

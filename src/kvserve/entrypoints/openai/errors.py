@@ -26,7 +26,7 @@ _PARAM_NAMES = {
     "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
     "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "stop", "stop_token_ids", "logit_bias", "seed",
     "top_logprobs", "max_completion_tokens", "max_new_tokens", "prompt", "messages", "structured_outputs",
-    "response_format", "tools", "tool_choice",
+    "response_format", "tools", "tool_choice", "truncate_prompt_tokens", "allowed_token_ids", "bad_words",
 }  # fmt: skip
 
 

@@ -51,6 +51,9 @@ class SamplingRequest(RequestModel):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: Optional[int] = Field(None, description="Keep the prompt's last k tokens (-1: max_model_len).")
+    allowed_token_ids: Optional[list[int]] = Field(None, description="Sample only among these token ids.")
+    bad_words: Optional[list[str]] = Field(None, description="Words never to generate.")
     # Structured output: at most one constraint among these (structured_outputs.py).
     response_format: Optional[ResponseFormat] = Field(None, description="OpenAI's: json_object or json_schema.")
     structured_outputs: Optional[StructuredOutputsRequest] = Field(None, description="vLLM's (in extra_body).")
@@ -69,6 +72,8 @@ class SamplingRequest(RequestModel):
             "min_tokens": self.min_tokens, "ignore_eos": self.ignore_eos,
             "skip_special_tokens": self.skip_special_tokens,
             "include_stop_str_in_output": self.include_stop_str_in_output,
+            "truncate_prompt_tokens": self.truncate_prompt_tokens, "allowed_token_ids": self.allowed_token_ids,
+            "bad_words": self.bad_words,
         }  # fmt: skip
         kwargs = {k: v for k, v in chosen.items() if v is not None}
         if self.logit_bias:

@@ -93,7 +93,7 @@ class OpenAIServingChat:
             request.chat_template_kwargs, tools.template_tools,
         )  # fmt: skip
         ids = s.tokenizer.encode(text, add_special_tokens=False)  # the template writes any BOS itself
-        s.check_prompt(ids, params.max_tokens, param="messages")
+        ids = s.check_prompt(ids, params, param="messages")
         ctx = _Context(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model, request, len(ids), k, tools)
         try:
             streams = await s.add_all(ctx.id, [{"prompt": text, "prompt_token_ids": ids}], params, arrival)

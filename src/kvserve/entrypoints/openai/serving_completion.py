@@ -70,8 +70,7 @@ class OpenAIServingCompletion:
             request, max_tokens=request.max_tokens, logprobs=k, prompt_logprobs=prompt_logprobs
         )
         prompts = self._prompts(request.prompt)
-        for _, ids in prompts:
-            s.check_prompt(ids, params.max_tokens)
+        prompts = [(text, s.check_prompt(ids, params)) for text, ids in prompts]
         ctx = _Context(f"cmpl-{uuid.uuid4().hex}", int(time.time()), model, request, prompts)
         engine_prompts = [{"prompt": text, "prompt_token_ids": ids} for text, ids in prompts]
         streams = await s.add_all(ctx.id, engine_prompts, params, arrival)

@@ -99,14 +99,19 @@ class OpenAIServing:
         except (ValueError, TypeError, jinja2.TemplateError) as e:
             raise bad_request(f"Cannot render the messages with the chat template: {e}", param="messages") from None
 
-    def check_prompt(self, token_ids: Sequence[int], max_tokens: Optional[int], param: str = "prompt") -> None:
-        """The engine's own admission rules, checked here so that a bad request never reaches it."""
+    def check_prompt(self, token_ids: Sequence[int], params: SamplingParams, param: str = "prompt") -> list[int]:
+        """The engine's own admission rules, checked here so that a bad request never reaches it.
+        -> the prompt as the engine takes it (truncate_prompt_tokens applied)."""
+        token_ids, max_tokens = params.truncated_prompt(list(token_ids), self.max_model_len), params.max_tokens
         if not token_ids:
             raise bad_request("The prompt is empty; give at least one token.", param=param)
         vocab = self.engine.config.model.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise bad_request(f"Prompt token ids must be in [0, {vocab}); got {bad[:5]}.", param=param)
+        bad = [t for t in params.allowed_token_ids or [] if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"allowed_token_ids must be in [0, {vocab}); got {bad[:5]}.", param="allowed_token_ids")
         limit, n = self.max_model_len, len(token_ids)
         if max_tokens is None and n >= limit:
             raise bad_request(
@@ -119,6 +124,7 @@ class OpenAIServing:
                 f"more than the context holds ({limit}, max_model_len). Shorten the prompt or lower max_tokens.",
                 param="max_tokens", code="context_length_exceeded",
             )  # fmt: skip
+        return token_ids
 
     async def add_all(
         self, request_id: str, prompts: list[dict], params: SamplingParams, arrival_time: float
