@@ -100,6 +100,20 @@ def test_streamed_chat_sends_role_first_then_content(client):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(client):
+    """vLLM's stream_options.continuous_usage_stats: each chunk's usage counts the tokens sent so far."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, stream=True,
+                                            stream_options=options, extra_body={"ignore_eos": True}))  # fmt: skip
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 8 and counts[0] >= 1
+    assert all(c.usage.prompt_tokens == chunks[0].usage.prompt_tokens > 0 for c in chunks)
+    chat = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=6, temperature=0, stream=True,
+                                               stream_options=options, extra_body={"ignore_eos": True}))  # fmt: skip
+    counts = [c.usage.completion_tokens for c in chat]
+    assert counts[0] == 0 and counts == sorted(counts) and counts[-1] == 6  # the role chunk comes first
+
+
 def test_n_choices(client):
     out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, n=3, temperature=1.0, seed=7)
     assert sorted(c.index for c in out.choices) == [0, 1, 2]

@@ -150,8 +150,13 @@ class OpenAIServingChat:
 
     async def _stream(self, ctx: _Context, streams: Sequence[RequestStream]) -> AsyncIterator[str]:
         options = ctx.request.stream_options
+        choices: dict[int, _Choice] = {}
         include_usage = bool(options and options.include_usage)
+        continuous = include_usage and options.continuous_usage_stats
         exclude = None if include_usage else {"usage"}
+
+        def running_usage() -> Optional[UsageInfo]:  # vLLM's continuous_usage_stats: the usage so far
+            return self._usage(ctx, sum(c.num_tokens for c in choices.values())) if continuous else None
 
         def chunk(choices: list[ChatStreamChoice], usage: Optional[UsageInfo] = None) -> str:
             body = ChatCompletionStreamResponse(
@@ -160,8 +165,8 @@ class OpenAIServingChat:
             return sse(body.model_dump_json(exclude=exclude if usage is None else None))
 
         for index in range(ctx.request.n):
-            yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
-        choices: dict[int, _Choice] = {}
+            yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))],
+                        running_usage())  # fmt: skip
         try:
             async for _, out in merge_streams(streams):
                 for c in out.outputs:
@@ -187,7 +192,7 @@ class OpenAIServingChat:
                         yield chunk([ChatStreamChoice(
                             index=c.index, delta=delta, logprobs=logprobs if i == 0 else None,
                             finish_reason=finish_reason if i == len(deltas) - 1 else None,
-                        )])  # fmt: skip
+                        )], running_usage())  # fmt: skip
             if include_usage:
                 yield chunk([], self._usage(ctx, sum(c.num_tokens for c in choices.values())))
         except Exception as e:  # noqa: BLE001 - the status line is sent; report in-band, as OpenAI does

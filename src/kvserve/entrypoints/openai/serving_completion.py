@@ -111,6 +111,7 @@ class OpenAIServingCompletion:
     async def _stream(self, ctx: _Context, streams: Sequence[RequestStream]) -> AsyncIterator[str]:
         n, options = ctx.request.n, ctx.request.stream_options
         include_usage = bool(options and options.include_usage)
+        continuous = include_usage and options.continuous_usage_stats
         exclude = None if include_usage else {"usage"}
         choices: dict[int, _Choice] = {}
         try:
@@ -128,6 +129,8 @@ class OpenAIServingCompletion:
                         finish_reason=choice.finish_reason,
                     )  # fmt: skip
                     chunk = CompletionStreamResponse(id=ctx.id, created=ctx.created, model=ctx.model, choices=[delta])
+                    if continuous:
+                        chunk.usage = self._usage(ctx, sum(c.num_tokens for c in choices.values()))
                     yield sse(chunk.model_dump_json(exclude=exclude))
             if include_usage:
                 usage = self._usage(ctx, sum(c.num_tokens for c in choices.values()))
