@@ -329,6 +329,7 @@ def op_timings(cfg: dict, device: str, sizes: tuple[int, ...] = (1, 64, 256, 409
     rotary, act = RotaryEmbedding(d, 4096, cfg["rope_theta"]).to(device), SiluAndMul()
     rotary.init_cache()
     print("  (d) fused op vs torch-native, bf16, us per call, eager launches / inside a CUDA graph:")
+    check_bf16_kernels(cfg, device, norm, rotary, act)
     for t in sizes:
         x = torch.randn(t, hidden, device=device, dtype=torch.bfloat16)
         residual = torch.randn(t, hidden, device=device)
@@ -351,6 +352,51 @@ def op_timings(cfg: dict, device: str, sizes: tuple[int, ...] = (1, 64, 256, 409
             cells.append(f"{name} {fe:.1f} / {fg:.1f} vs {re:.1f} / {rg:.1f} ({re / fe:.1f}x / {rg / fg:.1f}x)")
         print(f"      T={t:5d}: " + "; ".join(cells))
     gpu_ops.configure(("all",), device)
+
+
+def check_bf16_kernels(cfg: dict, device: str, norm, rotary, act, t: int = 256) -> None:
+    """bf16 results of the Triton kernels against the torch-native references on this device (the
+    interpreter tests on a CPU cannot run a bf16 tl.dot): the fused ops should match bit for bit,
+    attention (a prompt, decodes after it, GQA) within a bf16 rounding."""
+    from kvserve.attention.metadata import build_attention_metadata
+    from kvserve.attention.torch_ref import TorchAttentionBackend
+    from kvserve.attention.triton_attn import TritonAttentionBackend
+    from kvserve.ops import gpu_ops
+
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    hq, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = hidden // hq
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    x, residual = torch.randn(t, hidden, **bf16), torch.randn(t, hidden, device=device)
+    qkv, gate_up = torch.randn(t, (hq + 2 * hkv) * d, **bf16), torch.randn(t, 2 * inter, **bf16)
+    cos_sin = rotary.cos_sin(torch.arange(t, device=device))
+    results = {}
+    for fused in (True, False):
+        gpu_ops.configure(("all",) if fused else ("none",), device)
+        q, k, _ = qkv.clone().split([hq * d, hkv * d, hkv * d], dim=-1)
+        results[fused] = (norm(x, residual.clone())[0], *rotary(cos_sin, q, k), act(gate_up))
+    gpu_ops.configure(("all",), device)
+    # Largest difference in bf16 units in the last place of the reference (2^-7 relative): 0 bit for bit,
+    # 1 where a float32 sum's order or exp's last bit moved a rounding.
+    diffs = [
+        ((a.float() - b.float()).abs() / b.float().abs().clamp_min(1e-2)).max().item() * 128
+        for a, b in zip(results[True], results[False])
+    ]
+    cells = [f"{name} {diff:.2f}" for name, diff in zip(("add+rms_norm", "rotary q", "rotary k", "silu_and_mul"), diffs)]
+    # Attention: request 0 a 200-token prompt, requests 1-3 one decode each after 100-300 cached keys.
+    bs, lens, seqs = 16, [200, 1, 1, 1], [200, 101, 257, 300]
+    tables = [list(range(i * 20, i * 20 + -(-n // bs))) for i, n in enumerate(seqs)]
+    cache = torch.randn(2, 80, bs, hkv, d, **bf16)
+    q, k, v = (torch.randn(sum(lens), h, d, **bf16) for h in (hq, hkv, hkv))
+    outs = []
+    for backend in (TritonAttentionBackend(), TorchAttentionBackend()):
+        meta = build_attention_metadata(lens, seqs, tables, bs, device=device)
+        backend.prepare(meta)
+        outs.append(backend.forward(q, k, v, cache.clone(), meta, d**-0.5))
+    attention = (outs[0].float() - outs[1].float()).abs().max().item()
+    ok = max(diffs) <= 1.01 and attention < 0.05
+    print(f"      bf16 fused vs reference, most ulps apart: {', '.join(cells)}; Triton attention vs torch_ref max "
+          f"|diff| {attention:.1e}: {'as expected' if ok else 'CHECK'} (<= 1 ulp; attention < 5e-2)")  # fmt: skip
 
 
 def _us_per_call(fn, device: str, iters: int = 200) -> float:

@@ -40,6 +40,31 @@ STEPS = [
 
 def _interpret() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
+    _dot_reads_bfloat16_values()
+
+
+def _dot_reads_bfloat16_values() -> None:
+    """Triton's interpreter keeps bfloat16 tensors as their uint16 bits and its tl.dot multiplies
+    those bits as integers (measured: outputs ~1e8 where torch_ref gives ~1), so in this worker its
+    dot first widens bfloat16 operands to the float32 values they hold, as a GPU's MMA reads them.
+    Nothing else of the interpreter changes (its float32 -> bfloat16 casts still truncate where a GPU
+    rounds: the bfloat16 tolerances below allow that)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        bits = x.data.astype(np.uint32) << 16  # bfloat16 is float32's upper half
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +74,7 @@ def interpreter():
         yield pool
 
 
-def run_steps(hq: int, hkv: int, d: int, bs: int, split: bool):
+def run_steps(hq: int, hkv: int, d: int, bs: int, split: bool, dtype: torch.dtype = torch.float32):
     """In the worker: the three steps through the Triton backend (cache filled with NaN) and the
     reference (cache filled with 50.0: finite, as it needs). Returns per step (triton out, reference
     out), both final caches, and the most segments any step's plan used."""
@@ -60,12 +85,12 @@ def run_steps(hq: int, hkv: int, d: int, bs: int, split: bool):
     free = torch.randperm(num_blocks).tolist()
     tables = [[free.pop() for _ in range(-(-n // bs))] for n in LENGTHS]
     tables[1][: PREFIX // bs] = tables[0][: PREFIX // bs]
-    ks, vs, qs = ([torch.randn(n, h, d) for n in LENGTHS] for h in (hkv, hkv, hq))
+    ks, vs, qs = ([torch.randn(n, h, d).to(dtype) for n in LENGTHS] for h in (hkv, hkv, hq))
     ks[1][:PREFIX], vs[1][:PREFIX] = ks[0][:PREFIX], vs[0][:PREFIX]
     # Split on: segments of one 16-key tile wherever the step has fewer than 10,000 programs.
     kwargs = dict(target_programs=10_000, min_segment_tiles=1, tile=16) if split else dict(max_segments=1)
     triton_backend, reference = TritonAttentionBackend(**kwargs), TorchAttentionBackend()
-    cache = torch.full((2, num_blocks, bs, hkv, d), float("nan"))
+    cache = torch.full((2, num_blocks, bs, hkv, d), float("nan"), dtype=dtype)
     ref_cache = torch.full_like(cache, 50.0)
     outs, segments = [], 1
     for step in STEPS:
@@ -103,6 +128,21 @@ def test_triton_backend_matches_reference(interpreter, hq, hkv, d, bs, split):
     for out, expected in outs:
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     # The step's k/v went to exactly the reference's slots; no other slot was written.
+    torch.testing.assert_close(torch.where(cache.isnan(), 50.0, cache), ref_cache, atol=0, rtol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "hq,hkv,d,bs,split", [(8, 2, 128, 4, True), (6, 2, 80, 8, False)], ids=["gqa4-128-split", "gqa3-80"]
+)
+def test_triton_backend_matches_reference_in_bfloat16(interpreter, hq, hkv, d, bs, split):
+    """The same steps with bfloat16 q, k, v and cache (the GPU's serving dtype): outputs within a
+    bfloat16 rounding or two of torch_ref's (measured 0.0156 at |out| < 4; the interpreter truncates p
+    and the output to bfloat16 where a GPU rounds), the cache written bit for bit."""
+    outs, cache, ref_cache, _ = interpreter.submit(run_steps, hq, hkv, d, bs, split, torch.bfloat16).result()
+    for out, expected in outs:
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, expected, atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(torch.where(cache.isnan(), 50.0, cache), ref_cache, atol=0, rtol=0)
 
 
