@@ -1,4 +1,4 @@
-"""GGUF weights kept in their block types (layers/gguf_linear.py, model/gguf_loader.py): the layers give
+"""GGUF weights kept in their block types (layers/block_linear.py, model/gguf_loader.py): the layers give
 what dequantizing the same blocks and F.linear give, for every kernel block type, fused shards included;
 the default model keeps its blocks, at about the file's size, and its logits match the dequantized model."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as T
 from conftest import build_tiny_gguf
 from kvserve import LLM, SamplingParams
 from kvserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from kvserve.layers.gguf_linear import GGUFLinearMethod, block_bytes, keep_embedding_quantized, keep_linear_quantized
+from kvserve.layers.block_linear import BlockLinearMethod, block_bytes, keep_embedding_quantized, keep_linear_quantized
 from kvserve.layers.linear import QKVParallelLinear, RowParallelLinear
 from kvserve.model.config_loader import default_model_path, load_model_config
 from kvserve.model.loader import load_model
@@ -57,7 +57,7 @@ def test_fused_qkv_layer_of_blocks_matches_dequantized_linear(qtype):
     k = 256 if qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 96  # K-quants: 256-value super-blocks
     layer = QKVParallelLinear(k, head_dim=16, num_heads=3, num_kv_heads=1, dtype=torch.float32)
     keep_linear_quantized(layer, qtype)
-    assert isinstance(layer.linear_method, GGUFLinearMethod) and layer.weight.dtype == torch.uint8
+    assert isinstance(layer.linear_method, BlockLinearMethod) and layer.weight.dtype == torch.uint8
     shards = {s: random_blocks(qtype, rows, k, seed) for s, rows, seed in (("q", 48, 1), ("k", 16, 2), ("v", 16, 3))}
     for shard, blocks in shards.items():
         layer.weight.weight_loader(layer.weight, blocks, shard)

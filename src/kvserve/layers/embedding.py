@@ -12,13 +12,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kvserve.layers.gguf_linear import embedding_lookup, gguf_matmul
+from kvserve.layers.block_linear import embedding_lookup, gguf_matmul
 from kvserve.layers.linear import float32_gemm, float32_gemm_applies, onednn_linear, pack_for_onednn
 from kvserve.ops import cpu_ops
 
 
 class VocabParallelEmbedding(nn.Module):
-    """weight [V_pp, D] in the model dtype, or, with quant_type set (gguf_linear.keep_embedding_quantized),
+    """weight [V_pp, D] in the model dtype, or, with quant_type set (block_linear.keep_embedding_quantized),
     GGUF blocks uint8 [V_pp, row_bytes] of which a lookup dequantizes only its rows."""
 
     quant_type: Optional[int] = None

@@ -2,7 +2,7 @@
 
 With quantization "gguf" (the default on a CPU with the kernel library) linear layers and embeddings
 whose tensors are in a block type the kernels compute with (quant_ops.GGUF_KERNEL_TYPES) keep the
-blocks (keep_gguf_blocks, layers/gguf_linear.py); every other tensor is dequantized to float32 one at
+blocks (keep_gguf_blocks, layers/block_linear.py); every other tensor is dequantized to float32 one at
 a time and converted to the model dtype. Supported GGUF architectures: llama (also Mistral), qwen2, qwen3.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 
 from kvserve.config import ModelConfig
 from kvserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from kvserve.layers.gguf_linear import keep_embedding_quantized, keep_linear_quantized
+from kvserve.layers.block_linear import keep_embedding_quantized, keep_linear_quantized
 from kvserve.layers.linear import LinearMethod
 from kvserve.model.gguf_file import GGUFFile
 from kvserve.ops import quant_ops

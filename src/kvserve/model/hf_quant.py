@@ -1,7 +1,7 @@
 """Quantized linears for Hugging Face folders: int8 / int4 at load, and AWQ / GPTQ checkpoints.
 
 `prepare(model, config, names)` swaps the model's linear layers to blocks before any weight loads
-(layers/gguf_linear.keep_linear_quantized) and returns the transform the checkpoint's tensors go
+(layers/block_linear.keep_linear_quantized) and returns the transform the checkpoint's tensors go
 through on their way to the weight loaders:
 - int8 / int4: every decoder linear (not the embedding or LM head); each float weight (or q/k/v,
   gate/up shard) is quantized as it arrives (ops/quant_pack: int8 per output channel as Q8_0, int4
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kvserve.config import ModelConfig
-from kvserve.layers.gguf_linear import keep_linear_quantized
+from kvserve.layers.block_linear import keep_linear_quantized
 from kvserve.layers.linear import UnquantizedLinearMethod
 from kvserve.ops import quant_pack
 from kvserve.ops.quant_ops import Q4_Z

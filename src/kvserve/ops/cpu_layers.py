@@ -13,7 +13,7 @@ real kernels it costs several times that.)
 It applies to a model whose layers are all Llama layers, in bf16 or float32 (over a float32 or bf16 KV
 cache: attention then in bf16, q / k / v rounded after rotary as layers/attention.py does), whose linears are bf16
 weights in decode_matmul's layout (cpu_ops.decode_weight, bf16 models) or GGUF blocks of a kernel type
-(layers/gguf_linear.py), no biases, no q/k norms; and to a step whose rows are at most the matmuls' row
+(layers/block_linear.py), no biases, no q/k norms; and to a step whose rows are at most the matmuls' row
 limit and whose attention the CPU backend sends through its kernels only: fresh prompts through the
 AMX prefill kernel (bf16), every other request through the paged kernel, after a shared prefix through
 the AMX kernel when a cascade covers every row of the step (no long chunk after context). Elsewhere it
@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from kvserve.forward_context import get_attention_metadata
-from kvserve.layers.gguf_linear import GGUFLinearMethod
+from kvserve.layers.block_linear import BlockLinearMethod
 from kvserve.ops import cpu_build, cpu_ops, quant_ops
 
 _LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
@@ -150,17 +150,17 @@ _DTYPES = {(torch.float32, torch.float32): 0, (torch.bfloat16, torch.bfloat16): 
 
 def _weight(linear) -> torch.Tensor:
     """The tensor the stack multiplies with: GGUF blocks, else the decode kernel's bf16 copy."""
-    return linear.weight if isinstance(linear.linear_method, GGUFLinearMethod) else linear.decode_weight
+    return linear.weight if isinstance(linear.linear_method, BlockLinearMethod) else linear.decode_weight
 
 
 def _weight_type(linear) -> int:
     """-1 for a bf16 weight in decode_weight's layout, else the GGUF block type."""
-    return linear.linear_method.qtype if isinstance(linear.linear_method, GGUFLinearMethod) else -1
+    return linear.linear_method.qtype if isinstance(linear.linear_method, BlockLinearMethod) else -1
 
 
 def _shape(linear) -> tuple[int, int]:
     """(N, K) of the matmul."""
-    if isinstance(linear.linear_method, GGUFLinearMethod):
+    if isinstance(linear.linear_method, BlockLinearMethod):
         return linear.weight.shape[0], linear.in_features
     decode = linear.decode_weight  # [N / 16, K / 2, 16, 2]
     return decode.shape[0] * 16, decode.shape[1] * 2
@@ -168,7 +168,7 @@ def _shape(linear) -> tuple[int, int]:
 
 def _max_rows(linear, dtype: torch.dtype) -> int:
     """Rows up to which the stack's matmul for this linear runs its kernel; 0 where none applies."""
-    if isinstance(linear.linear_method, GGUFLinearMethod):
+    if isinstance(linear.linear_method, BlockLinearMethod):
         n, k = _shape(linear)
         return quant_ops.matmul_max_rows(linear.linear_method.qtype, k, n)
     if dtype != torch.bfloat16 or getattr(linear, "decode_weight", None) is None:

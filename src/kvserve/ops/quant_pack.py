@@ -1,4 +1,4 @@
-"""Weights made into the block types the quant kernels compute with (torch only, no kernels).
+"""Weights made into the block types the quant kernels compute with (torch and gguf-py's type ids; no kernels).
 
 - int8 (--quantization int8): symmetric, one scale per output channel (row): scale = max|w| / 127
   rounded to float16, q = round(w / scale) in [-127, 127]; kept as GGML Q8_0 blocks, each of a row's
@@ -14,8 +14,9 @@ Every function takes and returns CPU tensors; a row's blocks are [K / block valu
 from __future__ import annotations
 
 import torch
+from gguf import GGMLQuantizationType
 
-Q8_0, Q4_0 = 8, 2  # GGML type ids
+Q8_0, Q4_0 = int(GGMLQuantizationType.Q8_0), int(GGMLQuantizationType.Q4_0)
 Q4_Z_GROUP, Q4_Z_BYTES = 128, 68
 
 

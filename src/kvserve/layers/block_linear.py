@@ -63,7 +63,7 @@ def gguf_matmul(
     return scratch_gemm(xf, wf, bias, out_dtype).view(*x.shape[:-1], n)
 
 
-class GGUFLinearMethod(LinearMethod):
+class BlockLinearMethod(LinearMethod):
     """weight: uint8 [out_per_partition, row_bytes] in GGUF block type `qtype`; bias [out] in the model dtype."""
 
     def __init__(self, qtype: int) -> None:
@@ -88,7 +88,7 @@ def keep_linear_quantized(
     quantize: float [rows, in] -> blocks [rows, row_bytes], applied to each float weight (or shard)
     the checkpoint hands it (per-row quantization: the same whether q, k and v come fused or apart)."""
     out_features, in_features = layer.weight.shape
-    layer.linear_method = GGUFLinearMethod(qtype)
+    layer.linear_method = BlockLinearMethod(qtype)
     layer.linear_method.create_weights(layer, in_features, out_features, layer.bias is not None, layer.weight.dtype)
     for param in layer.parameters(recurse=False):
         param.weight_loader = layer.weight_loader
