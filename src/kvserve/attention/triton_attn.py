@@ -104,7 +104,8 @@ class TritonAttentionBackend(AttentionBackend):
         if longest is None:
             longest = max(meta.seq_lens_host, default=0)
         cascade = self._cascade(meta, g) if meta.graph_max_seq_len is None else None
-        max_tiles = triton.cdiv(longest, self.tile) - (cascade.length // self.tile if cascade else 0)  # as the kernel counts
+        # Tiles of the longest request's own pass, counted as the kernel counts them (from kv_start's tile).
+        max_tiles = triton.cdiv(longest, self.tile) - (cascade.length // self.tile if cascade else 0)
         segments = max(1, min(
             self.max_segments,
             self._target(q.device) // max(programs, 1),

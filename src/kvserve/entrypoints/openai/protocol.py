@@ -52,7 +52,9 @@ class SamplingRequest(RequestModel):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    truncate_prompt_tokens: Optional[int] = Field(None, description="Keep the prompt's last k tokens (-1: max_model_len).")
+    truncate_prompt_tokens: Optional[int] = Field(
+        None, description="Keep the prompt's last k tokens (-1: max_model_len)."
+    )
     allowed_token_ids: Optional[list[int]] = Field(None, description="Sample only among these token ids.")
     bad_words: Optional[list[str]] = Field(None, description="Words never to generate.")
     # Structured output: at most one constraint among these (structured_outputs.py).
