@@ -4,7 +4,8 @@ against the layers' torch-native references; which ops vLLM's custom_ops turns o
 The kernels run in one spawned worker whose environment sets TRITON_INTERPRET=1 (Triton reads it on
 import) and KVSERVE_CPU_ISA=none (so the CPU kernels step aside and the layers reach gpu_ops), with
 gpu_ops told to take CPU tensors. bfloat16 results must equal the references bit for bit (the kernels
-round where they round); float32 ones differ only by the order of a sum and by exp's last bit.
+round where they round; a rare 1-ulp flip allowed, see assert_bf16_rounded_alike); float32 ones
+differ only by the order of a sum and by exp's last bit.
 """
 from __future__ import annotations
 
@@ -94,14 +95,30 @@ def run_ops(dtype: torch.dtype, hq: int, hkv: int, d: int) -> dict[str, tuple[to
 def test_fused_ops_match_references(interpreter, dtype, hq, hkv, d):
     """Add + RMSNorm (residual float32, written in place), RMSNorm alone and per head over a strided
     [T, H, D] view, rotary in place on q and k views of one qkv tensor (v untouched), SiLU-and-mul on
-    strided rows: bfloat16 bit for bit, float32 within a few ulps."""
+    strided rows: bfloat16 bit for bit but for rare 1-ulp flips, float32 within a few ulps."""
     results = interpreter.submit(run_ops, dtype, hq, hkv, d).result()
     for name, (got, want) in results.items():
         assert got.dtype == want.dtype and got.shape == want.shape, name
-        if dtype == torch.bfloat16 or name in ("residual", "v_untouched"):
-            assert torch.equal(got, want), f"{name}: {(got.float() - want.float()).abs().max()}"
+        if name in ("residual", "v_untouched"):
+            assert torch.equal(got, want), name
+        elif dtype == torch.bfloat16:
+            assert_bf16_rounded_alike(got, want, name)
         else:
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def assert_bf16_rounded_alike(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """Equal bit for bit but for rare 1-ulp flips (at least 99% of the values equal, none further
+    apart): the float32 inside differs from torch's by the order of a sum (numpy's in the
+    interpreter, torch's vectorised one, each per CPU) or exp's last bit, which crosses a bfloat16
+    rounding boundary for ~1e-5 of the values. A rounding point missed or added moves far more
+    (rounding by truncation, as the interpreter's casts do: 298 of 672 norm outputs)."""
+    got, want = got.float(), want.float()
+    _, exponent = torch.frexp(want)  # |want| = m * 2^e with m in [0.5, 1): bf16 spacing 2^(e - 8)
+    spacing = torch.where(want == 0, torch.zeros_like(want), torch.ldexp(torch.ones_like(want), exponent - 8))
+    diff = (got - want).abs()
+    assert (diff <= spacing).all(), f"{name}: {int((diff > spacing).sum())} values more than 1 bf16 ulp apart"
+    assert (diff == 0).float().mean() >= 0.99, f"{name}: {int((diff > 0).sum())} of {diff.numel()} differ"
 
 
 def generate_greedy(model_dir: str) -> dict:
