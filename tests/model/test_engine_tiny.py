@@ -105,12 +105,15 @@ def test_allowed_token_ids_bad_words_and_truncation(tiny_llm):
 
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     plain = tiny_llm.generate(PROMPTS[1], greedy, use_tqdm=False)[0].outputs[0]
-    word = next(w for w in plain.text.split() if w.isalpha())
+    word = tok.decode(plain.token_ids[:1]).strip() or tok.decode(plain.token_ids[1:2]).strip()
     banned = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, bad_words=[word])
     out = tiny_llm.generate(PROMPTS[1], banned, use_tqdm=False)[0].outputs[0]
     assert out.token_ids != plain.token_ids
-    assert word not in out.text.split(), (word, out.text)
-    assert tiny_llm.llm_engine._bad_words_token_ids([word])[0] == tok.encode(word, add_special_tokens=False)
+    sequences = tiny_llm.llm_engine._bad_words_token_ids([word])
+    assert sequences[0] == tok.encode(word, add_special_tokens=False)
+    ids = list(out.token_ids)
+    for seq in sequences:  # no banned token sequence anywhere in the answer
+        assert all(ids[i : i + len(seq)] != seq for i in range(len(ids))), (word, seq, ids)
 
     ids = tok.encode(PROMPTS[3])
     cut = SamplingParams(temperature=0, max_tokens=8, truncate_prompt_tokens=4)
