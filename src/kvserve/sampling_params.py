@@ -17,20 +17,24 @@ class RequestOutputKind(IntEnum):
 
 
 # The constraints of StructuredOutputsParams; a request sets exactly one.
-STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 @dataclass
 class StructuredOutputsParams:
     """Constrain the output to a JSON schema, a regex, one of a list of strings, an EBNF/GBNF grammar,
-    or any JSON object (vLLM's names). `json` is a schema as a dict, a JSON string, or a pydantic model
-    class (its model_json_schema()); it is kept as a dict or a string. Validated on construction."""
+    any JSON object, or a structural tag (vLLM's names). `json` is a schema as a dict, a JSON string, or a
+    pydantic model class (its model_json_schema()); it is kept as a dict or a string. `structural_tag` is
+    xgrammar's structural tag as JSON text (or a dict, kept as text): free text until a trigger, then
+    each tagged part follows its schema; vLLM's form {"structures": [{"begin", "schema", "end"}],
+    "triggers": [...]} or xgrammar's {"type": "structural_tag", "format": {...}}. Validated on construction."""
 
     json: Optional[Union[str, dict[str, Any]]] = None
     regex: Optional[str] = None
     choice: Optional[list[str]] = None
     grammar: Optional[str] = None
     json_object: Optional[bool] = None
+    structural_tag: Optional[str] = None
     disable_any_whitespace: bool = False  # JSON: no whitespace beyond the one separator form
     disable_additional_properties: bool = False  # JSON: every object's additionalProperties is false
 
@@ -39,6 +43,8 @@ class StructuredOutputsParams:
             self.json = self.json.model_json_schema()
         if self.choice is not None:
             self.choice = list(self.choice)
+        if isinstance(self.structural_tag, dict):
+            self.structural_tag = json.dumps(self.structural_tag)
         set_kinds = [k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False)]
         if len(set_kinds) != 1:
             got = ", ".join(set_kinds) if set_kinds else "none"
@@ -53,6 +59,16 @@ class StructuredOutputsParams:
         elif self.json is not None and not isinstance(self.json, dict):
             kind = type(self.json).__name__
             raise ValueError(f"structured_outputs.json must be a JSON schema (dict or string), not {kind}.")
+        if self.structural_tag is not None:
+            try:
+                tag = json.loads(self.structural_tag)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.structural_tag is not valid JSON: {e}") from None
+            if not isinstance(tag, dict) or not ("structures" in tag or "format" in tag):
+                raise ValueError(
+                    "structured_outputs.structural_tag must be an object with `structures` and `triggers` "
+                    '(vLLM\'s form) or xgrammar\'s {"type": "structural_tag", "format": {...}}.'
+                )
         if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
             raise ValueError("structured_outputs.choice must be a list of non-empty strings.")
 

@@ -69,6 +69,39 @@ def test_json_object_starts_an_object(tiny_llm):
     assert out.outputs[0].text.startswith("{")
 
 
+@pytest.mark.parametrize("form", ["vllm", "xgrammar"])
+def test_structural_tag_constrains_only_what_follows_its_trigger(tiny_llm, form):
+    """A structural tag (vLLM's structures + triggers, or xgrammar's format): text is free until the
+    trigger "<" (pushed by a logit bias so that the random model writes it), then "<pick>", a JSON
+    object of Pick's schema and "</pick>". Every tagged part validates; without the tag the same
+    bias writes "<" after "<". (Whitespace bounded, by disable_any_whitespace or the format's own
+    max_whitespace_cnt: the random model would fill the JSON with it.)"""
+    schema = Pick.model_json_schema()
+    if form == "vllm":
+        tag = {"structures": [{"begin": "<pick>", "schema": schema, "end": "</pick>"}], "triggers": ["<"]}
+    else:
+        content = {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1}
+        tag = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<"], "tags": [
+            {"type": "tag", "begin": "<pick>", "content": content, "end": "</pick>"}]}}  # fmt: skip
+    lt = tiny_llm.get_tokenizer().encode("<", add_special_tokens=False)[0]
+    params = SamplingParams(temperature=0, max_tokens=64, logit_bias={lt: 40.0}, ignore_eos=True)
+    free = tiny_llm.generate("hello", params, use_tqdm=False)[0].outputs[0].text
+    assert free.startswith("<<")
+    params.structured_outputs = S(structural_tag=tag, disable_any_whitespace=form == "vllm")
+    text = tiny_llm.generate("hello", params, use_tqdm=False)[0].outputs[0].text
+    parts = re.findall(r"<pick>(.*?)</pick>", text, flags=re.S)
+    assert text.startswith("<pick>") and len(parts) >= 1, text
+    for part in parts:
+        Pick.model_validate_json(part)
+
+
+def test_structural_tag_errors_name_the_field():
+    with pytest.raises(ValueError, match="structural_tag is not valid JSON"):
+        S(structural_tag="{")
+    with pytest.raises(ValueError, match="structural_tag must be an object with `structures`"):
+        S(structural_tag={"begin": "<a>"})
+
+
 def test_unconstrained_neighbours_get_the_same_tokens(tiny_llm):
     plain = SamplingParams(temperature=0, max_tokens=12)
     alone = tiny_llm.generate(PROMPTS, plain, use_tqdm=False)

@@ -72,6 +72,36 @@ def test_regex_choice_grammar_and_json_object(default_client):
     assert isinstance(json.loads(obj.choices[0].message.content), dict)
 
 
+def test_structural_tag_as_response_format_and_in_structured_outputs(default_client):
+    """vLLM's response_format {"type": "structural_tag", "structures", "triggers"} and its
+    structured_outputs.structural_tag: free text until "<" (a logit bias makes the model write it),
+    then "<weather>", a Weather object, "</weather>"; every tagged part parses."""
+    lt = str(default_tokenizer().encode("<", add_special_tokens=False)[0])
+    structures = [{"begin": "<weather>", "schema": Weather.model_json_schema(), "end": "</weather>"}]
+    tag = {"structures": structures, "triggers": ["<"]}
+    answers = [
+        chat(default_client, temperature=0, logit_bias={lt: 40}, response_format={"type": "structural_tag", **tag}),
+        chat(default_client, temperature=0, logit_bias={lt: 40},
+             extra_body={"structured_outputs": {"structural_tag": json.dumps(tag)}}),
+    ]  # fmt: skip
+    for answer in answers:
+        text = answer.choices[0].message.content
+        parts = re.findall(r"<weather>(.*?)</weather>", text, flags=re.S)
+        assert text.startswith("<weather>") and parts, text
+        for part in parts:
+            Weather.model_validate_json(part)
+    with pytest.raises(openai.BadRequestError, match="structural_tag needs structures"):
+        chat(default_client, response_format={"type": "structural_tag"})
+
+
+def default_tokenizer():
+    """The default model's tokenizer, as the server has it."""
+    from kvserve.engine.tokenizer import load_tokenizer
+    from kvserve.model.config_loader import default_model_path
+
+    return load_tokenizer(str(default_model_path()))
+
+
 def test_streamed_answers_assembled_from_deltas_follow_the_constraint(default_client):
     schema = {"type": "json_schema", "json_schema": {"name": "weather", "schema": Weather.model_json_schema()}}
     chunks = chat(default_client, temperature=0, response_format=schema, stream=True)

@@ -31,7 +31,8 @@ class Color(BaseModel):
 def test_params_take_exactly_one_constraint():
     assert StructuredOutputsParams(regex="a+").kind == "regex"
     assert StructuredOutputsParams(json_object=True).kind == "json_object"
-    with pytest.raises(ValueError, match="exactly one of json, regex, choice, grammar, json_object; got none"):
+    one_of = "exactly one of json, regex, choice, grammar, json_object, structural_tag; got none"
+    with pytest.raises(ValueError, match=one_of):
         StructuredOutputsParams()
     with pytest.raises(ValueError, match="got json, regex"):
         StructuredOutputsParams(json=SCHEMA, regex="a+")

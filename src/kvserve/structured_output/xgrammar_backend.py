@@ -46,8 +46,11 @@ class XgrammarBackend:
                 return self.compiler.compile_regex(params.regex)
             if params.kind == "choice":
                 return self.compiler.compile_grammar(choice_grammar(params.choice))
+            if params.kind == "structural_tag":
+                tag = structural_tag_format(json.loads(params.structural_tag), params.disable_any_whitespace)
+                return self.compiler.compile_structural_tag(tag)
             return self.compiler.compile_grammar(params.grammar)
-        except (RuntimeError, TypeError, ValueError) as e:
+        except (RuntimeError, TypeError, ValueError, KeyError) as e:
             raise ValueError(f"structured_outputs.{params.kind} does not compile: {compiler_message(e)}") from None
 
     @staticmethod
@@ -79,6 +82,23 @@ def _tokenizer_info(tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) 
     return xgr.TokenizerInfo(
         encoded, vocab_type, vocab_size=vocab_size, stop_token_ids=stop_token_ids, add_prefix_space=add_prefix_space
     )
+
+
+def structural_tag_format(tag: dict[str, Any], compact: bool) -> dict[str, Any]:
+    """A structural tag in xgrammar's format. vLLM's form (structures of begin / schema / end, and
+    triggers) becomes what xgrammar makes of it (StructuralTag.from_legacy_structural_tag: triggered
+    tags, each a JSON schema between its begin and end); with compact (disable_any_whitespace) each
+    schema's whitespace runs are at most one character. xgrammar's own form is left as it is."""
+    if "structures" not in tag:
+        return tag
+    limit = {"max_whitespace_cnt": 1} if compact else {}
+    tags = [
+        {"type": "tag", "begin": s["begin"], "end": s["end"],
+         "content": {"type": "json_schema", "json_schema": s.get("schema", {}), **limit}}
+        for s in tag["structures"]
+    ]  # fmt: skip
+    return {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": tag.get("triggers", []),
+                                                 "tags": tags}}  # fmt: skip
 
 
 def choice_grammar(choices: Sequence[str]) -> str:
