@@ -224,6 +224,21 @@ def test_each_kind_compiles_once_and_matches_what_it_should(manager):
     assert not accepts(manager, closed, '{"a": 1, "b": 2}')
 
 
+def test_strict_hermes_tag_lets_text_be_and_holds_calls_to_the_schema(manager):
+    """The structural tag tool_choice "auto" makes for strict tools under the hermes parser."""
+    from kvserve.entrypoints.openai.tool_choice import ChatCompletionTool, hermes_structural_tag
+
+    weather = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+               "additionalProperties": False}  # fmt: skip
+    tools = [ChatCompletionTool(function={"name": "get_weather", "parameters": weather, "strict": True})]
+    params = StructuredOutputsParams(structural_tag=hermes_structural_tag(tools))
+    assert accepts(manager, params, "It is sunny, no call needed.")
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert accepts(manager, params, "Let me check.\n" + call)
+    assert not accepts(manager, params, call.replace('"city"', '"town"'))  # not the schema
+    assert not accepts(manager, params, call.replace("get_weather", "get_time"))  # not a tool
+
+
 def test_a_constraint_that_does_not_compile_raises_the_compilers_message(manager):
     mgr, _ = manager
     bad = StructuredOutputsParams(json={"type": "foo"})

@@ -96,6 +96,21 @@ def test_auto_none_and_defaults():
     assert isinstance(steered.parser, HermesToolParser) and steered.constraint is None
 
 
+def test_auto_with_a_strict_tool_and_hermes_constrains_calls_by_a_structural_tag():
+    strict_tools = [{**TOOLS[0], "function": {**TOOLS[0]["function"], "strict": True}}, TOOLS[1]]
+    auto = plan(tools=strict_tools)
+    tag = json.loads(auto.constraint.structural_tag)
+    assert isinstance(auto.parser, HermesToolParser) and tag["triggers"] == ["<tool_call>"]
+    assert [(s["begin"], s["schema"], s["end"]) for s in tag["structures"]] == [
+        ('<tool_call>\n{"name": "get_weather", "arguments": ', WEATHER, "}\n</tool_call>"),
+        ('<tool_call>\n{"name": "get_time", "arguments": ', {"type": "object"}, "}\n</tool_call>"),  # not strict
+    ]
+    assert plan(tools=TOOLS).constraint is None  # no strict tool: free text, as before
+    assert plan("llama3_json", tools=strict_tools).constraint is None  # a parser without a tag form
+    steered = plan(tools=strict_tools, structured_outputs={"regex": "<tool_call>.*"})
+    assert steered.constraint is None  # the request's own constraint: the parser reads what it allows
+
+
 def test_errors_name_the_field_and_what_to_send():
     assert error(tool_choice="required") == (
         "tool_choice", "tool_choice needs tools: send the functions the model may call in `tools`.")

@@ -3,7 +3,10 @@ the tools the chat template sees, the constraint on the answer and the parser th
 
 - "none": the template still sees the tools (as vLLM does); the answer is content.
 - "auto" (the default when tools are given): the answer is free text; the server's --tool-call-parser
-  reads the calls out of it, so it needs --enable-auto-tool-choice and --tool-call-parser.
+  reads the calls out of it, so it needs --enable-auto-tool-choice and --tool-call-parser. With the
+  hermes parser and a tool marked `strict`, a structural tag makes every `<tool_call>` block the
+  answer opens a call of one of the tools, a strict one's arguments under its parameters schema
+  (unless the request has its own output constraint).
 - "required": the answer is a JSON array of {"name", "parameters"} objects under a JSON schema built
   from the tools (as vLLM builds it: minItems 1, maxItems 1 when parallel_tool_calls is false).
 - {"type": "function", "function": {"name": ...}}: the answer is that function's arguments, under its
@@ -13,6 +16,7 @@ server answers them with a 400 naming the field).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
@@ -35,7 +39,9 @@ class FunctionDefinition(_Strict):
     name: str = Field(..., min_length=1)
     description: Optional[str] = None
     parameters: Optional[dict[str, Any]] = Field(None, description="A JSON schema of the arguments object.")
-    strict: Optional[bool] = Field(None, description="Accepted; required and named choices always follow the schema.")
+    strict: Optional[bool] = Field(
+        None, description="Arguments follow the schema: always for required and named choices, for auto with hermes."
+    )
 
 
 class ChatCompletionTool(_Strict):
@@ -72,7 +78,8 @@ ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
 class ToolPlan:
     template_tools: Optional[list[dict[str, Any]]]  # the chat template's `tools`: as sent, with "type"
     parser: Optional[ToolParser]  # None: the answer is content, as without tools
-    constraint: Optional[StructuredOutputsParams] = None  # required / named: the calls' JSON schema
+    # required / named: the calls' JSON schema; auto with strict tools (hermes): a structural tag
+    constraint: Optional[StructuredOutputsParams] = None
     call_ids: Optional[ToolParser] = None  # whose new_call_id makes the ids (Mistral's templates check them)
 
 
@@ -104,7 +111,10 @@ def plan_tools(
                 "--enable-auto-tool-choice --tool-call-parser NAME (hermes, llama3_json, mistral or pythonic); "
                 'or send tool_choice "required", "none" or {"type": "function", "function": {"name": ...}}.'
             )
-        return ToolPlan(template_tools, call_ids, call_ids=call_ids)
+        strict = None
+        if auto_parser == "hermes" and any(t.function.strict for t in tools) and not other_constraints:
+            strict = StructuredOutputsParams(structural_tag=hermes_structural_tag(tools))
+        return ToolPlan(template_tools, call_ids, strict, call_ids=call_ids)
     if other_constraints:
         raise ValueError(
             f"tool_choice {_show(choice)} constrains the answer to the tools' JSON schema, so it cannot be combined "
@@ -123,6 +133,19 @@ def plan_tools(
         )
     schema = named.parameters or NO_PARAMETERS
     return ToolPlan(template_tools, NamedToolParser(named.name), StructuredOutputsParams(json=schema), call_ids)
+
+
+def hermes_structural_tag(tools: list[ChatCompletionTool]) -> dict[str, Any]:
+    """vLLM's structural-tag form for hermes calls: free text until `<tool_call>`, then
+    `\n{"name": "<a tool>", "arguments": ` + an object (a strict tool's under its parameters schema,
+    any object for the others) + `}\n</tool_call>`, as the hermes parser reads them."""
+    structures = [
+        {"begin": f'<tool_call>\n{{"name": {json.dumps(t.function.name)}, "arguments": ',
+         "schema": (t.function.parameters or NO_PARAMETERS) if t.function.strict else {"type": "object"},
+         "end": "}\n</tool_call>"}
+        for t in tools
+    ]  # fmt: skip
+    return {"structures": structures, "triggers": ["<tool_call>"]}
 
 
 def required_schema(tools: list[ChatCompletionTool], parallel: bool) -> dict[str, Any]:
