@@ -1,6 +1,8 @@
 """model/gguf_file.py against gguf-py's GGUFReader: the same metadata values and tensor tables."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
@@ -70,8 +72,13 @@ def test_every_value_type_and_a_custom_alignment(tmp_path):
     assert [t.shape for t in ours.tensors] == [(7,), (5, 3), (64, 4), (4, 3, 2)]
 
 
-def test_not_a_gguf_file(tmp_path):
+def test_not_a_gguf_file_and_a_truncated_one(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="is not a GGUF file"):
         GGUFFile(str(path))
+    whole = Path(default_model_path()).read_bytes()
+    for size in (1000, 2_000_000, len(whole) - 100):  # in the metadata, in the first tensor, in the last
+        path.write_bytes(whole[:size])
+        with pytest.raises(ValueError, match="a truncated or corrupt GGUF file .*; download it again"):
+            GGUFFile(str(path))

@@ -41,6 +41,14 @@ class GGUFFile:
     def __init__(self, path: str) -> None:
         self._map = np.memmap(path, dtype=np.uint8, mode="r")
         self._buf, self._offset = memoryview(self._map), 0
+        try:
+            self._read(path)
+        except (struct.error, UnicodeDecodeError, ValueError) as error:
+            if isinstance(error, ValueError) and str(error).startswith(path):
+                raise
+            raise ValueError(f"{path}: a truncated or corrupt GGUF file ({error}); download it again") from None
+
+    def _read(self, path: str) -> None:
         magic, version = self._unpack("<II")
         if magic != GGUF_MAGIC:
             raise ValueError(f"{path} is not a GGUF file (magic {magic:#x}, expected {GGUF_MAGIC:#x})")
