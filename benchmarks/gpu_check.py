@@ -359,8 +359,8 @@ def op_timings(cfg: dict, device: str, sizes: tuple[int, ...] = (1, 64, 256, 409
 
 def check_bf16_kernels(cfg: dict, device: str, norm, rotary, act, t: int = 256) -> None:
     """bf16 results of the Triton kernels against the torch-native references on this device (the
-    interpreter tests on a CPU cannot run a bf16 tl.dot): the fused ops should match bit for bit,
-    attention (a prompt, decodes after it, GQA) within a bf16 rounding."""
+    interpreter tests on a CPU cannot run a bf16 tl.dot): the fused ops within one bf16 ulp (mostly
+    bit for bit), attention (a prompt, decodes after it, GQA) within a bf16 rounding."""
     from kvserve.attention.metadata import build_attention_metadata
     from kvserve.attention.torch_ref import TorchAttentionBackend
     from kvserve.attention.triton_attn import TritonAttentionBackend
