@@ -102,7 +102,7 @@ def run_steps(hq: int, hkv: int, d: int, bs: int, split: bool, dtype: torch.dtyp
         triton_backend.prepare(meta)
         out = triton_backend.forward(q, k, v, cache, meta, d**-0.5)
         (plan,) = meta.backend_state.values()
-        segments = max(segments, (plan.parts[1].shape[2] if plan.parts else None) if plan.parts is not None else 1)
+        segments = max(segments, plan.parts[1].shape[2] if plan.parts is not None else 1)
         ref_meta = build_attention_metadata(*meta_args)
         reference.prepare(ref_meta)
         outs.append((out, reference.forward(q, k, v, ref_cache, ref_meta, d**-0.5)))
@@ -181,7 +181,7 @@ def run_cascade(hq: int, hkv: int, d: int, split: bool):
     ref_meta = build_attention_metadata(*meta_args)
     reference.prepare(ref_meta)
     expected = reference.forward(q, k, v, ref_cache, ref_meta, d**-0.5)
-    return out, expected, plan.cascade.length if plan.cascade else None, (plan.parts[1].shape[2] if plan.parts else None)
+    return out, expected, plan.cascade.length if plan.cascade else None, plan.parts[1].shape[2]
 
 
 @needs_triton
