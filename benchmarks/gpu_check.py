@@ -11,9 +11,9 @@ prints, for each:
   (c) (b) with CUDA graphs on and off (LLM's enforce_eager);
   (d) the fused Triton norms, rotary and SiLU-and-mul (ops/triton_ops.py) against their torch-native
       references: each op's time alone (eager launches, and inside a CUDA graph) at decode and
-      prompt sizes, then (b) again with them off (compilation_config custom_ops ["none"]);
-  (e) the Triton cascade: 64 prompts after one cached 2,048-token prefix, 64 tokens each, eager with
-      the cascade on and off, and with decode graphs (which do not take it).
+      prompt sizes (benchmarks/gpu_parts.py), then (b) again with them off (custom_ops ["none"]);
+  (e) the Triton cascade (gpu_parts.py): 64 prompts after one cached 2,048-token prefix, 64 tokens
+      each, eager with the cascade on and off, and with decode graphs (which do not take it).
 (d)'s engine runs with the fused ops off and (e) run on the 0.5B shape only.
 Then the targets for the 0.5B shape: decode >= 50% of the roofline, offline >= 5x HF, exactness.
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import logging
 import math
 import os
@@ -46,6 +45,7 @@ from kvserve import LLM, SamplingParams  # noqa: E402
 from kvserve.bench.throughput import random_prompts  # noqa: E402
 
 from gpu_models import SHAPES, build_model  # noqa: E402  (beside this file)
+from gpu_parts import cascade_timing, op_timings, prompts_of, release, sync  # noqa: E402
 
 TARGET = "Qwen2.5-0.5B"  # the shape the targets speak of
 
@@ -68,21 +68,6 @@ PLANS = {
     "cpu": Plan(2, 16, (16, 16), (4, 16, 8), 4, 256 << 20, 256 << 20),
 }
 TOLERANCE = 1e-3
-
-
-def _release(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _ids(prompts: list[list[int]]) -> list[dict]:
-    return [{"prompt_token_ids": p} for p in prompts]
 
 
 # --- (a) exactness -----------------------------------------------------------------------------
@@ -110,7 +95,7 @@ def hf_greedy(folder: Path, prompts: list[list[int]], n: int, device: str) -> li
             chosen = lps.gather(1, tokens[:, None])[:, 0]
             out.append((tokens.tolist(), chosen.tolist(), (top2[:, 0] - top2[:, 1]).tolist()))
     del model
-    _release(device)
+    release(device)
     return out
 
 
@@ -118,7 +103,7 @@ def kvserve_greedy(llm: LLM, prompts: list[list[int]], n: int) -> list[tuple]:
     """(tokens, chosen logprobs, prompt tokens from the prefix cache) per prompt, batched."""
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=1, detokenize=False)
     result = []
-    for o in llm.generate(_ids(prompts), params, use_tqdm=False):
+    for o in llm.generate(prompts_of(prompts), params, use_tqdm=False):
         c = o.outputs[0]
         lps = [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]
         result.append((list(c.token_ids), lps, o.num_cached_tokens))
@@ -139,7 +124,7 @@ def check_exactness(folder: Path, cfg: dict, device: str, plan: Plan) -> bool:
         if mode == "prefix":  # the first run filled the cache: now every full block is a hit
             runs["prefix-hit"] = kvserve_greedy(llm, prompts, plan.new_tokens)
         del llm
-        _release(device)
+        release(device)
     ok = True
     for i, (ids, (ref_tokens, ref_lps, margins)) in enumerate(zip(prompts, reference)):
         cells = []
@@ -168,11 +153,11 @@ def copy_bandwidth(device: str, nbytes: int) -> float:
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    _sync(device)
+    sync(device)
     reps, t0 = 10, time.perf_counter()
     for _ in range(reps):
         dst.copy_(src)
-    _sync(device)
+    sync(device)
     return 2 * nbytes * reps / (time.perf_counter() - t0)
 
 
@@ -198,11 +183,11 @@ def decode_ms_per_token(llm: LLM, vocab: int, plan: Plan) -> float:
     in_len, out_len = plan.decode
     warm, first, full = random_prompts(3, in_len, vocab, set(), 7)
     params = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)  # noqa: E731
-    llm.generate(_ids([warm]), params(16), use_tqdm=False)
+    llm.generate(prompts_of([warm]), params(16), use_tqdm=False)
     times = []
     for prompt, n in ((first, 1), (full, out_len)):
         t0 = time.perf_counter()
-        llm.generate(_ids([prompt]), params(n), use_tqdm=False)
+        llm.generate(prompts_of([prompt]), params(n), use_tqdm=False)
         times.append(time.perf_counter() - t0)
     return (times[1] - times[0]) * 1000 / (out_len - 1)
 
@@ -210,9 +195,9 @@ def decode_ms_per_token(llm: LLM, vocab: int, plan: Plan) -> float:
 def kvserve_offline(llm: LLM, prompts: list[list[int]], warmup: list[list[int]], out_len: int) -> float:
     """Seconds for all prompts at once, after a warm-up on as many others (no prefix-cache hits)."""
     params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True, detokenize=False)
-    llm.generate(_ids(warmup), SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False), use_tqdm=False)
+    llm.generate(prompts_of(warmup), SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False), use_tqdm=False)
     t0 = time.perf_counter()
-    outs = llm.generate(_ids(prompts), params, use_tqdm=False)
+    outs = llm.generate(prompts_of(prompts), params, use_tqdm=False)
     seconds = time.perf_counter() - t0
     assert all(len(o.outputs[0].token_ids) == out_len for o in outs)
     return seconds
@@ -231,14 +216,14 @@ def hf_offline(folder: Path, prompts: list[list[int]], out_len: int, batch: int,
 
     with torch.inference_mode():
         generate(ids[:batch], 4)  # warm-up at the batch's shape
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for i in range(0, len(ids), batch):
             assert generate(ids[i : i + batch], out_len).shape[1] == ids.shape[1] + out_len
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - t0
     del model
-    _release(device)
+    release(device)
     return seconds
 
 
@@ -268,7 +253,7 @@ def speed_mode(
     warmup = random_prompts(num, in_len, cfg["vocab_size"], set(), 12)
     tok_s = num * out_len / kvserve_offline(llm, prompts, warmup, out_len)
     del llm
-    _release(device)
+    release(device)
     fused_text = f", fused ops {'on' if fused else 'off'}" if device.startswith("cuda") else ""  # (a CPU's: C++)
     print(f"  (b) kvserve bf16, enforce_eager={eager}{'' if honoured else ' (this build ignores it)'}{fused_text}, "
           f"attention "
@@ -294,7 +279,7 @@ def check_speed(folder: Path, cfg: dict, device: str, plan: Plan, bandwidth: flo
             modes[name] = speed_mode(folder, cfg, device, plan, eager, prompts, floor_ms, fused)
         except Exception:
             traceback.print_exc(file=sys.stdout)
-            _release(device)
+            release(device)
     for graphs in ("graphs on", "graphs off") if on_cuda else ():
         on, off = modes.get(graphs), modes.get(graphs + ", unfused")
         if on and off:
@@ -312,154 +297,6 @@ def check_speed(folder: Path, cfg: dict, device: str, plan: Plan, bandwidth: flo
     print(f"  (b) HF transformers generate, bf16, static batch {plan.hf_batch}: {hf_tok_s:.0f} output tok/s; "
           + (f"kvserve's best / HF = {best / hf_tok_s:.2f}x" if best else "kvserve not measured"))  # fmt: skip
     return {"modes": modes, "hf_tok_s": hf_tok_s}
-
-
-# --- (d) fused ops alone -------------------------------------------------------------------------
-def op_timings(cfg: dict, device: str, sizes: tuple[int, ...] = (1, 64, 256, 4096)) -> None:
-    """Each fused op and its torch-native reference (the layer's own code, fused ops on and off),
-    bf16 at the shape's widths, T tokens: microseconds per call with eager launches (what an eager
-    step pays), and per call inside one captured CUDA graph of 20 calls (what a decode graph pays)."""
-    from kvserve.layers.activation import SiluAndMul
-    from kvserve.layers.norm import RMSNorm
-    from kvserve.layers.rotary import RotaryEmbedding
-    from kvserve.ops import gpu_ops
-
-    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    hq, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = hidden // hq
-    norm = RMSNorm(hidden, cfg["rms_norm_eps"], dtype=torch.bfloat16).to(device)
-    norm.weight.data.normal_(1.0, 0.1)
-    rotary, act = RotaryEmbedding(d, 4096, cfg["rope_theta"]).to(device), SiluAndMul()
-    rotary.init_cache()
-    print("  (d) fused op vs torch-native, bf16, us per call, eager launches / inside a CUDA graph:")
-    check_bf16_kernels(cfg, device, norm, rotary, act)
-    for t in sizes:
-        x = torch.randn(t, hidden, device=device, dtype=torch.bfloat16)
-        residual = torch.randn(t, hidden, device=device)
-        qkv = torch.randn(t, (hq + 2 * hkv) * d, device=device, dtype=torch.bfloat16)
-        q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
-        cos_sin = rotary.cos_sin(torch.arange(t, device=device) % 4096)
-        gate_up = torch.randn(t, 2 * inter, device=device, dtype=torch.bfloat16)
-        ops = {
-            "add+rms_norm": lambda: norm(x, residual),
-            "rotary": lambda: rotary(cos_sin, q, k),
-            "silu_and_mul": lambda: act(gate_up),
-        }
-        cells = []
-        for name, fn in ops.items():
-            times = {}
-            for fused in (True, False):
-                gpu_ops.configure(("all",) if fused else ("none",), device)
-                times[fused] = (_us_per_call(fn, device), _us_per_call_in_graph(fn, device))
-            (fe, fg), (re, rg) = times[True], times[False]
-            cells.append(f"{name} {fe:.1f} / {fg:.1f} vs {re:.1f} / {rg:.1f} ({re / fe:.1f}x / {rg / fg:.1f}x)")
-        print(f"      T={t:5d}: " + "; ".join(cells))
-    gpu_ops.configure(("all",), device)
-
-
-def check_bf16_kernels(cfg: dict, device: str, norm, rotary, act, t: int = 256) -> None:
-    """bf16 results of the Triton kernels against the torch-native references on this device (the
-    interpreter tests on a CPU cannot run a bf16 tl.dot): the fused ops within one bf16 ulp (mostly
-    bit for bit), attention (a prompt, decodes after it, GQA) within a bf16 rounding."""
-    from kvserve.attention.metadata import build_attention_metadata
-    from kvserve.attention.torch_ref import TorchAttentionBackend
-    from kvserve.attention.triton_attn import TritonAttentionBackend
-    from kvserve.ops import gpu_ops
-
-    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    hq, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = hidden // hq
-    bf16 = dict(device=device, dtype=torch.bfloat16)
-    x, residual = torch.randn(t, hidden, **bf16), torch.randn(t, hidden, device=device)
-    qkv, gate_up = torch.randn(t, (hq + 2 * hkv) * d, **bf16), torch.randn(t, 2 * inter, **bf16)
-    cos_sin = rotary.cos_sin(torch.arange(t, device=device))
-    results = {}
-    for fused in (True, False):
-        gpu_ops.configure(("all",) if fused else ("none",), device)
-        q, k, _ = qkv.clone().split([hq * d, hkv * d, hkv * d], dim=-1)
-        results[fused] = (norm(x, residual.clone())[0], *rotary(cos_sin, q, k), act(gate_up))
-    gpu_ops.configure(("all",), device)
-    # Largest difference in bf16 units in the last place of the reference (2^-7 relative): 0 bit for bit,
-    # 1 where a float32 sum's order or exp's last bit moved a rounding.
-    diffs = [
-        ((a.float() - b.float()).abs() / b.float().abs().clamp_min(1e-2)).max().item() * 128
-        for a, b in zip(results[True], results[False])
-    ]
-    names = ("add+rms_norm", "rotary q", "rotary k", "silu_and_mul")
-    cells = [f"{name} {diff:.2f}" for name, diff in zip(names, diffs)]
-    # Attention: request 0 a 200-token prompt, requests 1-3 one decode each after 100-300 cached keys.
-    bs, lens, seqs = 16, [200, 1, 1, 1], [200, 101, 257, 300]
-    tables = [list(range(i * 20, i * 20 + -(-n // bs))) for i, n in enumerate(seqs)]
-    cache = torch.randn(2, 80, bs, hkv, d, **bf16)
-    q, k, v = (torch.randn(sum(lens), h, d, **bf16) for h in (hq, hkv, hkv))
-    outs = []
-    for backend in (TritonAttentionBackend(), TorchAttentionBackend()):
-        meta = build_attention_metadata(lens, seqs, tables, bs, device=device)
-        backend.prepare(meta)
-        outs.append(backend.forward(q, k, v, cache.clone(), meta, d**-0.5))
-    attention = (outs[0].float() - outs[1].float()).abs().max().item()
-    ok = max(diffs) <= 1.01 and attention < 0.05
-    print(f"      bf16 fused vs reference, most ulps apart: {', '.join(cells)}; Triton attention vs torch_ref max "
-          f"|diff| {attention:.1e}: {'as expected' if ok else 'CHECK'} (<= 1 ulp; attention < 5e-2)")  # fmt: skip
-
-
-def _us_per_call(fn, device: str, iters: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / iters * 1e6
-
-
-def _us_per_call_in_graph(fn, device: str, calls: int = 20, replays: int = 20) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up off the default stream, as torch's capture asks
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(replays):
-        graph.replay()
-    _sync(device)
-    return (time.perf_counter() - t0) / (calls * replays) * 1e6
-
-
-# --- (e) the cascade -------------------------------------------------------------------------------
-def cascade_timing(folder: Path, cfg: dict, device: str, plan: Plan, prefix_len: int = 2048, reqs: int = 64,
-                   out_len: int = 64) -> None:  # fmt: skip
-    """Seconds for `reqs` prompts (a cached prefix + 16 tokens of their own) x out_len tokens, bf16."""
-    prefix = random_prompts(1, prefix_len, cfg["vocab_size"], set(), 21)[0]
-    own = random_prompts(reqs, 16, cfg["vocab_size"], set(), 22)
-    params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True, detokenize=False)
-    cells = []
-    for name, eager, cascade in (("eager, cascade on", True, True), ("eager, cascade off", True, False),
-                                 ("graphs", False, False)):  # fmt: skip
-        llm = LLM(str(folder), dtype="bfloat16", device=device, enforce_eager=eager, max_model_len=4096,
-                  max_num_seqs=256, kv_cache_memory_bytes=plan.kv_bytes)  # fmt: skip
-        backend = llm.llm_engine.runner.backend
-        if hasattr(backend, "min_cascade_requests") and not cascade:
-            backend.min_cascade_requests = 1 << 30
-        llm.generate(_ids([prefix]), SamplingParams(max_tokens=1), use_tqdm=False)  # cache the prefix
-        llm.generate(_ids([prefix + p for p in own[:8]]), SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
-        _sync(device)
-        t0 = time.perf_counter()
-        outs = llm.generate(_ids([prefix + p[::-1] for p in own]), params, use_tqdm=False)
-        seconds = time.perf_counter() - t0
-        cached = sum(o.num_cached_tokens or 0 for o in outs)
-        cells.append(f"{name} {reqs * out_len / seconds:.0f} tok/s (cached {cached // reqs} per prompt)")
-        del llm
-        _release(device)
-    print(f"  (e) {reqs} prompts after a cached {prefix_len}-token prefix, {out_len} tokens each, output tok/s: "
-          + "; ".join(cells))  # fmt: skip
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -510,7 +347,7 @@ def run_shape(shape: str, folder: Path, args, plan: Plan, bandwidth: Optional[fl
         if args.device.startswith("cuda"):
             sections["ops"] = lambda: op_timings(cfg, args.device)
             if shape == TARGET:
-                sections["cascade"] = lambda: cascade_timing(folder, cfg, args.device, plan)
+                sections["cascade"] = lambda: cascade_timing(folder, cfg, args.device, plan.kv_bytes)
     for key, section in sections.items():
         t0 = time.perf_counter()
         try:
@@ -518,7 +355,7 @@ def run_shape(shape: str, folder: Path, args, plan: Plan, bandwidth: Optional[fl
         except Exception:
             traceback.print_exc(file=sys.stdout)
             results[key][shape] = False if key == "exact" else None
-            _release(args.device)
+            release(args.device)
         print(f"  ({key} took {time.perf_counter() - t0:.0f} s)")
 
 

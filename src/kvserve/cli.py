@@ -6,7 +6,7 @@ import sys
 import time
 
 from kvserve.config import KV_CACHE_DTYPES, QUANTIZATIONS, SUPPORTED_DTYPES
-from kvserve.server_config import ConfigError, add_serve_args, build_server_config
+from kvserve.server_config import ConfigError, add_serve_args, build_server_config, flag_help
 
 _STARTED_AT = time.monotonic()  # for `kvserve serve`'s "ready N s after start" line
 
@@ -28,16 +28,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                   help="the KV cache's dtype (default: the activations'; bfloat16 under --dtype bfloat16 over "
-                   "GGUF blocks, whose activations stay float32)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help=flag_help("kv_cache_dtype"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="no CUDA graphs: decode steps run eagerly too (a CPU always does)")
-    p.add_argument("--compilation-config", "-O", default=None, metavar="JSON",
-                   help="vLLM's compilation config: custom_ops (the GPU's fused Triton ops: all / none, "
-                   "+op / -op for rms_norm, silu_and_mul, rotary_embedding) and max_cudagraph_capture_size")
+    p.add_argument("--enforce-eager", action="store_true", help=flag_help("enforce_eager"))
+    p.add_argument("--compilation-config", "-O", default=None, metavar="JSON", help=flag_help("compilation_config"))
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

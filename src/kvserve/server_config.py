@@ -105,7 +105,7 @@ class ServerConfig:
                 raise ConfigError(message)
         if self.compilation_config is not None:  # before anything starts, not when the engine loads
             try:
-                self.engine_args()._compilation()
+                self.engine_args().compilation()
             except ValueError as error:
                 raise ConfigError(str(error)) from None
 
@@ -148,6 +148,11 @@ _TYPES = typing.get_type_hints(ServerConfig)
 
 
 # -- the command line ------------------------------------------------------------------------------
+
+
+def flag_help(name: str) -> str:
+    """A setting's help text (the offline CLI shares it where a flag means the same for both)."""
+    return _FIELDS[name].metadata["help"]
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:

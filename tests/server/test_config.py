@@ -127,13 +127,13 @@ def test_compilation_config_follows_the_same_precedence(tmp_path):
     (or JSON text) in the file; a bad one is a ConfigError before anything starts."""
     file = tmp_path / "serve.yaml"
     file.write_text("compilation-config:\n  custom_ops: [none, +rms_norm]\n  max_cudagraph_capture_size: 32\n")
-    compilation = parse(["--config", str(file)]).engine_args()._compilation()
+    compilation = parse(["--config", str(file)]).engine_args().compilation()
     assert (compilation.custom_ops, compilation.max_cudagraph_capture_size) == (("none", "+rms_norm"), 32)
     env = {"KVSERVE_COMPILATION_CONFIG": '{"custom_ops": ["-silu_and_mul"]}'}
-    assert parse(["--config", str(file)], env).engine_args()._compilation().custom_ops == ("-silu_and_mul",)
+    assert parse(["--config", str(file)], env).engine_args().compilation().custom_ops == ("-silu_and_mul",)
     flag = ["--compilation-config", '{"custom_ops": ["all"]}']
-    assert parse(["--config", str(file), *flag], env).engine_args()._compilation().custom_ops == ("all",)
-    assert parse([]).engine_args()._compilation().custom_ops == ("all",)
+    assert parse(["--config", str(file), *flag], env).engine_args().compilation().custom_ops == ("all",)
+    assert parse([]).engine_args().compilation().custom_ops == ("all",)
     with pytest.raises(ConfigError, match="custom_ops entry 'rms' is not understood"):
         parse(["--compilation-config", '{"custom_ops": ["rms"]}'])
     with pytest.raises(ConfigError, match="compilation_config is not JSON"):

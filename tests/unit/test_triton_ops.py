@@ -193,7 +193,7 @@ def test_fused_ops_stay_off_on_a_cpu():
     ],
 )
 def test_compilation_config_as_vllm_takes_it(given, custom_ops, cap, eager):
-    compilation = EngineArgs(compilation_config=given)._compilation()
+    compilation = EngineArgs(compilation_config=given).compilation()
     assert (compilation.custom_ops, compilation.max_cudagraph_capture_size) == (custom_ops, cap)
     assert compilation.enforce_eager is eager
 
@@ -210,7 +210,7 @@ def test_compilation_config_as_vllm_takes_it(given, custom_ops, cap, eager):
 )
 def test_compilation_config_errors_name_the_field(given, match):
     with pytest.raises(ValueError, match=match):
-        EngineArgs(compilation_config=given)._compilation()
+        EngineArgs(compilation_config=given).compilation()
 
 
 @needs_triton

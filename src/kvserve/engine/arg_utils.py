@@ -99,12 +99,12 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
                 max_num_batched_tokens_while_decoding=min(short_budget, budget),
             ),
-            compilation=self._compilation(),
+            compilation=self.compilation(),
             device=device,
             seed=self.seed,
         )
 
-    def _compilation(self) -> CompilationConfig:
+    def compilation(self) -> CompilationConfig:
         """compilation_config (vLLM's shapes) + enforce_eager -> the frozen CompilationConfig."""
         from kvserve.ops.gpu_ops import resolve_custom_ops
 

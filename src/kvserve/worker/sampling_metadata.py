@@ -160,14 +160,14 @@ def _build_allowed(params: list[SamplingParams], vocab_size: int, device: torch.
     rows = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
     if not rows:
         return None
-    banned = torch.ones(len(rows), vocab_size, dtype=torch.bool)
-    for r, i in enumerate(rows):
-        allowed = params[i].allowed_token_ids
-        bad = [tok for tok in allowed if not 0 <= tok < vocab_size]
-        if bad:
-            raise ValueError(f"allowed_token_ids {bad} are outside the vocabulary [0, {vocab_size}).")
-        banned[r, allowed] = False
-    return AllowedTokens(rows=torch.tensor(rows, dtype=torch.long, device=device), banned=banned.to(device))
+    pairs = [(r, tok) for r, i in enumerate(rows) for tok in params[i].allowed_token_ids]  # (mask row, token)
+    bad = [tok for _, tok in pairs if not 0 <= tok < vocab_size]
+    if bad:
+        raise ValueError(f"allowed_token_ids {bad} are outside the vocabulary [0, {vocab_size}).")
+    # Made where it is used: only the allowed entries cross from the host, not an [R, V] mask.
+    banned = torch.ones(len(rows), vocab_size, dtype=torch.bool, device=device)
+    banned[tuple(torch.tensor(pairs, dtype=torch.long, device=device).T)] = False
+    return AllowedTokens(rows=torch.tensor(rows, dtype=torch.long, device=device), banned=banned)
 
 
 def _build_bad_words_mask(

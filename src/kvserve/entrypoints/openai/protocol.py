@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from kvserve.entrypoints.openai.structured_outputs import (
+    CONSTRAINT_FIELDS,
     JsonSchema,
     ResponseFormat,
     StructuredOutputsRequest,
@@ -93,9 +94,7 @@ class SamplingRequest(RequestModel):
 
     def constraint_fields(self) -> list[str]:
         """The structured-output fields this request sets."""
-        names = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-                 "guided_grammar")  # fmt: skip
-        return [name for name in names if getattr(self, name) is not None]
+        return [name for name in CONSTRAINT_FIELDS if getattr(self, name) is not None]
 
 
 # --- /v1/completions --------------------------------------------------------------------------------

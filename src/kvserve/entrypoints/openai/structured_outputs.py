@@ -59,6 +59,8 @@ class StructuredOutputsRequest(_Strict):
 
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+# Every request field that constrains the output (SamplingRequest has them all).
+CONSTRAINT_FIELDS = ("response_format", "structured_outputs", *_GUIDED)
 
 
 def structured_outputs_params(
